@@ -1,0 +1,41 @@
+# pytest-boxlite: `make demo` and `make test` do all set-up on a fresh Debian 12 or 13 machine.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+
+.PHONY: setup system-packages venv agent image demo test bench clean
+
+setup: system-packages venv agent image
+
+system-packages:
+	@tools/install-system-packages
+
+$(PY): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	@touch $(PY)
+
+venv: $(PY)
+
+agent:
+	$(MAKE) -s -C guest
+
+# The embedded default image (a Debian root filesystem with python3), built once from the host's apt sources.
+image: venv
+	$(PY) -m vmm.images.default
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/boot.py
+	$(PY) bench/exec_roundtrip.py
+	$(PY) bench/idle_rss.py
+
+clean:
+	$(MAKE) -C guest clean
+	rm -rf $(VENV) *.egg-info

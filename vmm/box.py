@@ -1,0 +1,443 @@
+"""A box: one microVM, its agent channel, and the commands run in it."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import posixpath
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+
+from . import engines, kernel
+from .channel import Channel
+from .engines.base import VM, Disk, LaunchSpec, Share
+from .errors import BoxError, ConfigError, ExecError, GuestProtocolError
+from .execution import Execution, ExecResult
+from .images import ResolvedImage
+from .options import BoxOptions
+from .protocol import T, parse_records, record_int, records
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+ROOT_SERIAL = "boxlite-root"
+UPPER_SERIAL = "boxlite-upper"
+BOOT_WATCHDOGS = (10.0, 20.0, 40.0)  # about 2% of boots hang early (DESIGN.md): retry, each time more patient
+SETUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+DEFAULT_MAX_OUTPUT = 256 << 20
+GUEST_ROOT = "/newroot"  # where the agent mounts the box root in its own namespace
+
+
+@dataclass(frozen=True)
+class BoxInfo:
+    id: str
+    name: str | None
+    status: str  # "created", "running", "stopped", "crashed"
+    engine: str | None
+    image: str
+    created: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class BoxMetrics:
+    memory_total_kib: int
+    memory_used_kib: int
+    cpu_time_s: float  # guest user+system CPU time
+    uptime_s: float
+    processes: int
+    exec_count: int
+    host_rss_bytes: int  # what the VM's host processes hold
+
+
+class Box:
+    """A microVM. Create it with `Runtime.create()`; `with box:` starts it and stops it at the end."""
+
+    def __init__(self, runtime: "Runtime", box_id: str, options: BoxOptions, image: ResolvedImage,
+                 created: float, status: str = "created") -> None:
+        self.id = box_id
+        self.options = options
+        self.image = image
+        self.created = created
+        self.status = status
+        self.engine_name: str | None = None
+        self.exec_count = 0
+        self._runtime = runtime
+        self._dir = runtime.home.box_dir(box_id)
+        self._vm: VM | None = None
+        self._channel: Channel | None = None
+        self._lock = threading.RLock()
+
+    # -- state on disk --------------------------------------------------------------------------------
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def persistent(self) -> bool:
+        return self.options.disk_size_gb is not None
+
+    def _save(self) -> None:
+        state = {
+            "id": self.id,
+            "options": self.options.to_dict(),
+            "image": dataclasses.asdict(self.image),
+            "created": self.created,
+            "status": self.status,
+            "engine": self.engine_name,
+            "owner": os.getpid() if self.status == "running" else None,
+        }
+        self._dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._dir / "box.json.tmp"
+        tmp.write_text(json.dumps(state, default=str, indent=1))
+        os.replace(tmp, self._dir / "box.json")
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> "Box":
+        """Boot the VM and wait until its agent is ready. Idempotent."""
+        with self._lock:
+            if self.status == "running":
+                return self
+            if self.status == "removed":
+                raise BoxError(f"box {self.id} was removed; create a new one")
+            engine = engines.select(self.options.engine)
+            boot = kernel.boot_files(self._runtime.home.kernels, self._runtime.kernel)
+            spec = self._launch_spec(boot)
+            started = time.monotonic()
+            for attempt, watchdog in enumerate(BOOT_WATCHDOGS, 1):
+                vm = engine.launch(spec)
+                channel = Channel(vm.channel, self._lost_error_factory(vm))
+                try:
+                    self._handshake(vm, channel, watchdog)
+                except TimeoutError:
+                    log.warning("box %s: no agent after %.0f s (attempt %d), rebooting", self.id, watchdog, attempt)
+                    self._teardown(vm, channel)
+                    continue
+                except BaseException:
+                    self._teardown(vm, channel)
+                    raise
+                break
+            else:
+                raise BoxError(f"box {self.id} did not boot after {len(BOOT_WATCHDOGS)} attempts", vm.console_tail())
+            self._vm, self._channel = vm, channel
+            self.engine_name = engine.name
+            self.status = "running"
+            self._save()
+            self._runtime._started(self, time.monotonic() - started)
+            log.info("box %s running on %s (%.2f s)", self.id, engine.name, time.monotonic() - started)
+            return self
+
+    def _launch_spec(self, boot: kernel.BootFiles) -> LaunchSpec:
+        disks = [Disk(self.image.base, ROOT_SERIAL, readonly=True)]
+        if self.persistent:
+            disks.append(Disk(self._upper_disk(), UPPER_SERIAL, readonly=False, format="qcow2"))
+        shares = tuple(Share(f"vol{i}", Path(v.host), v.mode == "ro") for i, v in enumerate(self.options.volumes))
+        return LaunchSpec(
+            box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
+            memory_mib=self.options.memory_mib, disks=tuple(disks), shares=shares,
+            network=self.options.network, ports=self.options.ports,
+        )
+
+    def _upper_disk(self) -> Path:
+        """The persistent upper layer: an empty ext4 made on the host (no root), kept as qcow2."""
+        path = self._dir / "disk.qcow2"
+        if path.exists():
+            return path
+        raw = self._dir / "disk.raw"
+        size = f"{self.options.disk_size_gb}G"
+        for argv in (["mkfs.ext4", "-q", "-F", "-L", "boxlite-upper", str(raw), size],
+                     ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path) + ".tmp"]):
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise BoxError(f"{argv[0]} is missing: install e2fsprogs and qemu-utils (`make setup`)") from None
+            if done.returncode:
+                raise BoxError(f"creating the box disk failed: {' '.join(argv)}: {done.stderr.strip()}")
+        os.replace(str(path) + ".tmp", path)
+        raw.unlink()
+        return path
+
+    def _handshake(self, vm: VM, channel: Channel, watchdog: float) -> None:
+        kind, payload = channel.control(watchdog)
+        if kind != T.HELLO:
+            raise GuestProtocolError(f"box {self.id}: the agent began with {kind.name}, not HELLO")
+        items: list[tuple[str, bytes | str | int]] = [("r", ROOT_SERIAL), ("w", UPPER_SERIAL if self.persistent else "tmpfs")]
+        for i, vol in enumerate(self.options.volumes):
+            items.append(("v", f"vol{i}\0{vol.guest}\0{vol.mode}"))
+        if self.options.network:
+            items.append(("n", "1"))
+        now = time.time_ns()
+        items += [("h", self.options.name or f"box-{self.id[:8]}"), ("t", f"{now // 10**9}.{now % 10**9:09d}"),
+                  ("R", os.urandom(64))]
+        channel.send(T.SETUP, 0, records(items))
+        try:
+            kind, payload = channel.control(SETUP_TIMEOUT)
+        except TimeoutError:
+            raise BoxError(f"box {self.id}: the agent did not finish setting up within {SETUP_TIMEOUT:.0f} s",
+                           vm.console_tail()) from None
+        if kind == T.ERROR:
+            raise BoxError(f"box {self.id} could not set up: {payload[:1000].decode(errors='replace')}",
+                           vm.console_tail())
+        if kind != T.READY:
+            raise GuestProtocolError(f"box {self.id}: the agent answered SETUP with {kind.name}")
+
+    def _lost_error_factory(self, vm: VM):
+        def lost(reason: str, protocol: bool) -> BaseException:
+            if protocol:
+                vm.kill_async()  # a guest that breaks the protocol is not talked to again
+                return GuestProtocolError(f"box {self.id}: {reason}; the VM was killed")
+            code = vm.wait(2.0)
+            if code is not None and self.status == "running":
+                self.status = "crashed"
+            return BoxError(f"box {self.id}: {reason}" + (f" (VM exit code {code})" if code is not None else ""),
+                            vm.console_tail())
+        return lost
+
+    @staticmethod
+    def _teardown(vm: VM, channel: Channel | None) -> None:
+        vm.kill()
+        if channel is not None:
+            channel.close()
+
+    def stop(self) -> None:
+        """Power the VM off (SIGKILL if it does not within a few seconds). Idempotent."""
+        with self._lock:
+            vm, channel = self._vm, self._channel
+            if vm is None:
+                return
+            self._vm = self._channel = None
+            try:
+                if channel is not None and channel.error is None:
+                    channel.send(T.SHUTDOWN, 0)
+                    vm.wait(STOP_TIMEOUT)
+            except BoxError:
+                pass
+            finally:
+                self._teardown(vm, channel)
+            if self.status in ("running", "crashed"):
+                self.status = "stopped" if self.status == "running" else "crashed"
+            self._runtime._stopped(self)
+            if self._auto_remove:
+                self._remove_files()
+            else:
+                self._save()
+
+    @property
+    def _auto_remove(self) -> bool:
+        return self.options.auto_remove and not self.persistent
+
+    def remove(self) -> None:
+        """Stop the box and delete everything it has on disk (its persistent disk too)."""
+        self.stop()
+        self._remove_files()
+
+    def _remove_files(self) -> None:
+        if self.status != "removed":
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self.status = "removed"
+            self._runtime._removed(self)
+
+    def __enter__(self) -> "Box":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def info(self) -> BoxInfo:
+        return BoxInfo(self.id, self.options.name, self.status, self.engine_name, self.image.ref, self.created)
+
+    def __repr__(self) -> str:
+        return f"<Box {self.id[:12]} {self.status} image={self.image.ref}>"
+
+    # -- commands -------------------------------------------------------------------------------------
+    def _running_channel(self) -> Channel:
+        channel = self._channel
+        if channel is None or self.status != "running":
+            raise BoxError(f"box {self.id} is {self.status}: start() it first")
+        if channel.error is not None:
+            raise channel.error
+        return channel
+
+    def spawn(self, cmd: str | Iterable[str], *args: str, env: Mapping[str, str] | None = None,
+              cwd: str | None = None, user: str | None = None, _root: str = "image") -> Execution:
+        """Start a command and return at once; stream with `.stdout`, `.stderr`, `.stdin`, then `.wait()`."""
+        argv = (cmd, *args) if isinstance(cmd, str) else (*cmd, *args)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ConfigError(f"exec needs a command and string arguments, got {argv!r}")
+        merged = dict(e.split("=", 1) for e in self.image.config.env if "=" in e)
+        merged.update(self.options.env)
+        merged.update(env or {})
+        items: list[tuple[str, bytes | str | int]] = [("a", a) for a in argv]
+        items += [("e", f"{k}={v}") for k, v in merged.items()]
+        items.append(("c", cwd or self.options.working_dir or self.image.config.working_dir or "/"))
+        items.append(("u", user or self.options.user or self.image.config.user or "root"))
+        items.append(("r", _root))
+        channel = self._running_channel()
+        execution = Execution(channel, argv, records(items))
+        self.exec_count += 1
+        self._runtime._exec_called()
+        return execution
+
+    def exec(self, cmd: str | Iterable[str], *args: str, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, user: str | None = None, stdin: bytes | str | None = None,
+             timeout: float | None = None, max_output: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
+        """Run a command to its end and collect its output (like `subprocess.run(capture_output=True)`).
+
+        `timeout` kills it and raises ExecTimeout; more than `max_output` bytes of output kills it and
+        raises OutputLimitExceeded. A command that cannot start raises ExecError.
+        """
+        execution = self.spawn(cmd, *args, env=env, cwd=cwd, user=user)
+        if stdin is not None:
+            feeder = threading.Thread(target=_feed, args=(execution, stdin), daemon=True)
+            feeder.start()
+        stdout, stderr = execution.communicate(timeout=timeout, max_output=max_output, close_stdin=stdin is None)
+        code = execution.wait()
+        return ExecResult(execution.args, code, stdout, stderr)
+
+    def metrics(self) -> BoxMetrics:
+        channel = self._running_channel()
+        recs = parse_records(channel.request(T.STAT, T.STAT))
+        number = lambda key: record_int(recs, key) or 0  # noqa: E731
+        total = number("m")
+        return BoxMetrics(
+            memory_total_kib=total, memory_used_kib=max(0, total - number("f")),
+            cpu_time_s=number("u") / 100, uptime_s=number("t") / 100, processes=number("n"),
+            exec_count=self.exec_count, host_rss_bytes=self._vm.rss_bytes() if self._vm else 0,
+        )
+
+    def ping(self, data: bytes = b"") -> bytes:
+        """One round trip through the agent (what `bench/` measures)."""
+        return self._running_channel().request(T.PING, T.PONG, data)
+
+    # -- files ----------------------------------------------------------------------------------------
+    def copy_in(self, src: str | os.PathLike[str], dest: str) -> None:
+        """Copy a host file or directory to `dest` in the box (created, or replaced if it exists)."""
+        src = Path(src)
+        if not src.exists():
+            raise FileNotFoundError(f"copy_in: {src} does not exist on the host")
+        parent, name = _split_guest_path(dest)
+        self._tool("mkdir", "-p", GUEST_ROOT + parent)
+        execution = self.spawn("/bin/busybox", "tar", "-x", "-f", "-", "-C", GUEST_ROOT + parent, _root="agent")
+        writer = threading.Thread(target=_write_tar, args=(execution, src, name), daemon=True)
+        writer.start()
+        _, stderr = execution.communicate(close_stdin=False)
+        writer.join()
+        if execution.wait() != 0:
+            raise ExecError(f"copy_in to {dest} failed: {stderr[-500:].decode(errors='replace')}")
+
+    def copy_out(self, src: str, dest: str | os.PathLike[str], max_bytes: int = 4 << 30) -> None:
+        """Copy a file or directory at `src` in the box to `dest` on the host.
+
+        What the guest sends is checked: only regular files, directories and symlinks that stay inside
+        `dest`, at most `max_bytes` in all.
+        """
+        parent, name = _split_guest_path(src)
+        dest = Path(dest)
+        execution = self.spawn("/bin/busybox", "tar", "-c", "-f", "-", "-C", GUEST_ROOT + parent, name,
+                               _root="agent")
+        execution.stdin.close()
+        staging = Path(dest.parent) / f".boxlite-copy-{self.id[:8]}-{os.getpid()}"
+        staging.mkdir(parents=True)
+        try:
+            stream = _ChunkReader(execution.stdout, max_bytes)
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        _check_member(member, name)
+                        tar.extract(member, staging, filter="data")
+            except (tarfile.TarError, ValueError) as exc:
+                execution.kill()
+                raise GuestProtocolError(f"copy_out of {src}: the box sent an unsafe or broken archive: {exc}")
+            stderr = execution.stderr.read()
+            if execution.wait() != 0:
+                raise ExecError(f"copy_out of {src} failed: {stderr[-500:].decode(errors='replace')}")
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(staging / name, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _tool(self, *argv: str) -> None:
+        execution = self.spawn("/bin/busybox", *argv, _root="agent")
+        _, stderr = execution.communicate()
+        if execution.wait() != 0:
+            raise ExecError(f"{' '.join(argv)} failed in the box: {stderr[-500:].decode(errors='replace')}")
+
+
+def _feed(execution: Execution, data: bytes | str) -> None:
+    try:
+        execution.stdin.write(data)
+        execution.stdin.close()
+    except (BrokenPipeError, BoxError, ValueError):
+        pass  # the command ended (or the box did) before reading all of it, as with a pipe
+
+
+def _write_tar(execution: Execution, src: Path, name: str) -> None:
+    try:
+        with tarfile.open(fileobj=_StdinWriter(execution), mode="w|") as tar:
+            tar.add(src, arcname=name)
+        execution.stdin.close()
+    except (BrokenPipeError, BoxError):
+        pass
+
+
+class _StdinWriter(io.RawIOBase):
+    def __init__(self, execution: Execution) -> None:
+        self._execution = execution
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        return self._execution.stdin.write(bytes(data))
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file over an output iterator, refusing more than `limit` bytes."""
+
+    def __init__(self, chunks: Iterable[bytes], limit: int) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._buf = b""
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if not self._buf:
+            self._buf = next(self._chunks, b"")
+            self._left -= len(self._buf)
+            if self._left < 0:
+                raise ValueError("the archive is larger than max_bytes")
+        n = min(len(buffer), len(self._buf))
+        buffer[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _split_guest_path(path: str) -> tuple[str, str]:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{path!r}: paths in the box must be absolute")
+    norm = posixpath.normpath(path)
+    if norm == "/" or ".." in path.split("/"):
+        raise ConfigError(f"{path!r}: give a file or directory below /, without '..'")
+    parent, name = posixpath.split(norm)
+    return parent, name
+
+
+def _check_member(member: tarfile.TarInfo, top: str) -> None:
+    if not (member.isfile() or member.isdir() or member.issym()):
+        raise ValueError(f"{member.name}: only files, directories and symlinks are copied")
+    if member.name != top and not member.name.startswith(top + "/"):
+        raise ValueError(f"{member.name} is outside {top}")

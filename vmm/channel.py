@@ -1,0 +1,174 @@
+"""One connection to a guest agent: a reader thread that demultiplexes frames to streams, a writer thread.
+
+The reader never writes (it would deadlock against a guest blocked on its own write), so every frame,
+credit grants included, goes out through the writer's queue. Frames that can be large (STDIN) are
+bounded by the guest's credit, so the queue stays small even when a hostile guest stops reading.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import socket
+import threading
+from concurrent.futures import Future
+from typing import Callable, Protocol
+
+from .errors import BoxError, GuestProtocolError
+from .protocol import FrameDecoder, T, frame
+
+log = logging.getLogger(__name__)
+
+
+class StreamHandler(Protocol):
+    def on_frame(self, kind: T, payload: bytes) -> None: ...
+
+    def on_lost(self, error: BaseException) -> None: ...
+
+
+class _Reply:
+    """A one-shot stream for request/response messages (STAT, PING)."""
+
+    def __init__(self, expect: T) -> None:
+        self.expect = expect
+        self.future: Future[bytes] = Future()
+
+    def on_frame(self, kind: T, payload: bytes) -> None:
+        if self.future.done():
+            return
+        if kind == self.expect:
+            self.future.set_result(payload)
+        else:
+            self.future.set_exception(GuestProtocolError(f"guest answered {self.expect.name} with {kind.name}"))
+
+    def on_lost(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, lost_error: Callable[[str, bool], BaseException]) -> None:
+        """`lost_error(reason, protocol_violation)` builds the error pending work gets when the connection ends."""
+        self._sock = sock
+        self._lost_error = lost_error
+        self._lock = threading.Lock()
+        self._streams: dict[int, StreamHandler] = {}
+        self._ids = itertools.count(1)
+        self._control: queue.Queue[tuple[T, bytes] | BaseException] = queue.Queue()
+        self._out: queue.Queue[bytes | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self._reader = threading.Thread(target=self._read_loop, name="boxlite-channel-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="boxlite-channel-writer", daemon=True)
+        self._reader.start()
+        self._writer.start()
+
+    # -- sending -------------------------------------------------------------------------------------
+    def send(self, kind: T, stream: int, payload: bytes = b"") -> None:
+        if self.error is not None:
+            raise self.error
+        self._out.put(frame(kind, stream, payload))
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._out.get()
+            if data is None:
+                return
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self._lose(f"the channel to the guest failed: {exc}")
+                return
+
+    # -- streams -------------------------------------------------------------------------------------
+    def open_stream(self, handler: StreamHandler) -> int:
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            stream = next(self._ids)
+            self._streams[stream] = handler
+            return stream
+
+    def close_stream(self, stream: int) -> None:
+        with self._lock:
+            self._streams.pop(stream, None)
+
+    def request(self, kind: T, expect: T, payload: bytes = b"", timeout: float = 30.0) -> bytes:
+        """Send `kind` on a fresh stream and wait for the `expect` answer."""
+        reply = _Reply(expect)
+        stream = self.open_stream(reply)
+        try:
+            self.send(kind, stream, payload)
+            return reply.future.result(timeout)
+        except TimeoutError:
+            raise BoxError(f"the guest agent did not answer {kind.name} within {timeout:.0f} s") from None
+        finally:
+            self.close_stream(stream)
+
+    def control(self, timeout: float) -> tuple[T, bytes]:
+        """The next frame on stream 0 (HELLO, READY, ERROR); TimeoutError if none comes."""
+        try:
+            item = self._control.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # -- receiving -----------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        decoder = FrameDecoder()
+        try:
+            while True:
+                data = self._sock.recv(262144)
+                if not data:
+                    self._lose("the guest closed the channel (the VM stopped or crashed)")
+                    return
+                for kind, stream, payload in decoder.feed(data):
+                    self._dispatch(kind, stream, payload)
+        except GuestProtocolError as exc:
+            self._lose(f"protocol error: {exc}", protocol=True)
+        except OSError as exc:
+            self._lose(f"the channel to the guest failed: {exc}")
+
+    def _dispatch(self, kind: T, stream: int, payload: bytes) -> None:
+        if stream == 0:
+            self._control.put((kind, payload))
+            return
+        with self._lock:
+            handler = self._streams.get(stream)
+        if handler is None:
+            log.debug("dropping %s for closed stream %d", kind.name, stream)
+            return
+        handler.on_frame(kind, payload)
+
+    def _lose(self, reason: str, protocol: bool = False) -> None:
+        with self._lock:
+            if self.error is not None:
+                return
+            self.error = BoxError(reason)  # refuse new work while the real error is built
+        error = self._lost_error(reason, protocol)
+        with self._lock:
+            self.error = error
+            handlers = list(self._streams.values())
+            self._streams.clear()
+        log.debug("channel lost: %s", reason)
+        self._control.put(error)
+        for handler in handlers:
+            handler.on_lost(error)
+        self._shutdown_socket()
+
+    def _shutdown_socket(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop both threads; pending streams get an error."""
+        self._lose("the box was stopped")
+        self._out.put(None)
+        for thread in (self._reader, self._writer):
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self._sock.close()

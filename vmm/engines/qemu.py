@@ -1,0 +1,238 @@
+"""The qemu engine: `-M microvm`, PVH boot of an uncompressed vmlinux, KVM or TCG."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .. import process
+from ..errors import BoxError, EngineUnavailable
+from .base import VM, Engine, LaunchSpec, Share
+
+log = logging.getLogger(__name__)
+
+QEMU_FIX = "install it with `sudo apt-get install qemu-system-x86` (or run `make setup`), or set BOXLITE_QEMU"
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+
+# Measured under TCG (DESIGN.md, "Boot tuning"): each of these shaves boot time without weakening the sandbox.
+CMDLINE = (
+    "console=ttyS0 quiet loglevel=0 panic=-1 tsc=reliable no_timer_check mitigations=off nokaslr "
+    "8250.nr_uarts=1 i8042.noaux i8042.nokbd random.trust_cpu=on cryptomgr.notests ipv6.disable=1 "
+    "audit=0 init_on_alloc=0 page_alloc.shuffle=0"
+)
+
+
+def find_qemu() -> str:
+    path = os.environ.get("BOXLITE_QEMU") or shutil.which("qemu-system-x86_64")
+    if not path or not os.access(path, os.X_OK):
+        raise EngineUnavailable(f"qemu-system-x86_64 not found: {QEMU_FIX}")
+    return path
+
+
+def find_virtiofsd() -> str:
+    for path in (os.environ.get("BOXLITE_VIRTIOFSD"), shutil.which("virtiofsd"), *VIRTIOFSD_PATHS):
+        if path and os.access(path, os.X_OK):
+            return path
+    raise EngineUnavailable(
+        "volumes need virtiofsd, which is missing: install it with `sudo apt-get install virtiofsd` "
+        "(Debian 13) or `qemu-system-x86` (Debian 12 ships /usr/lib/qemu/virtiofsd), or set BOXLITE_VIRTIOFSD"
+    )
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency, as the kernel reports it in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class QemuEngine(Engine):
+    def __init__(self, qemu: str, accel: str) -> None:
+        self.qemu = qemu
+        self.accel = accel
+        self.name = f"qemu-{accel}"
+
+    def describe(self) -> str:
+        return f"qemu ({'KVM' if self.accel == 'kvm' else 'TCG, software emulation'})"
+
+    def argv(self, spec: LaunchSpec, channel_fd: int, share_sockets: list[Path]) -> list[str]:
+        machine = "microvm,x-option-roms=off,isa-serial=on"
+        args = [self.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
+        if spec.shares:
+            # vhost-user-fs needs guest RAM the virtiofsd process can map.
+            args += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
+            machine += ",memory-backend=mem"
+        args += ["-M", machine, "-m", f"{spec.memory_mib}M", "-smp", str(spec.cpus)]
+        if self.accel == "kvm":
+            args += ["-accel", "kvm", "-cpu", "host"]
+        else:
+            # -cpu max has RDRAND under TCG, which seeds the guest RNG at boot.
+            args += ["-accel", "tcg", "-cpu", "max"]
+        args += ["-global", "virtio-mmio.force-legacy=false"]
+        args += ["-kernel", str(spec.vmlinux), "-initrd", str(spec.initramfs)]
+        cmdline = [CMDLINE, *spec.cmdline_extra]
+        if self.accel == "tcg":
+            # Under TCG the guest TSC is the host's, and calibrating it against the emulated PIT fails
+            # on some hosts (the boot then hangs waiting for timer ticks): tell the guest its frequency.
+            khz = host_tsc_khz()
+            if khz:
+                cmdline.append(f"tsc_early_khz={khz}")
+        args += ["-append", " ".join(cmdline)]
+        args += ["-chardev", f"file,id=con,path={spec.console_log}", "-serial", "chardev:con"]
+        args += ["-chardev", f"socket,id=ch0,fd={channel_fd}"]
+        args += ["-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=boxlite.0"]
+        for i, disk in enumerate(spec.disks):
+            ro = ",readonly=on" if disk.readonly else ""
+            args += ["-drive", f"id=d{i},file={disk.path},format={disk.format},if=none,cache=unsafe{ro}"]
+            args += ["-device", f"virtio-blk-device,drive=d{i},serial={disk.serial}"]
+        if spec.network:
+            netdev = "user,id=n0"
+            for port in spec.ports:
+                netdev += f",hostfwd={port.protocol}:127.0.0.1:{port.host}-:{port.guest}"
+            args += ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0"]
+        for i, (share, sock) in enumerate(zip(spec.shares, share_sockets)):
+            args += ["-chardev", f"socket,id=fs{i},path={sock}"]
+            args += ["-device", f"vhost-user-fs-device,chardev=fs{i},tag={share.tag}"]
+        return args
+
+    def launch(self, spec: LaunchSpec) -> VM:
+        spec.box_dir.mkdir(parents=True, exist_ok=True)
+        spec.console_log.write_bytes(b"")
+        helpers: list[subprocess.Popen] = []
+        host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sockets = []
+            for i, share in enumerate(spec.shares):
+                sock = spec.box_dir / f"fs{i}.sock"
+                helpers.append(_start_virtiofsd(share, sock))
+                sockets.append(sock)
+            for sock, helper in zip(sockets, helpers):
+                _wait_for_socket(sock, helper)
+            argv = self.argv(spec, guest_end.fileno(), sockets)
+            log.debug("starting %s", " ".join(argv))
+            proc = process.spawn(
+                argv,
+                pass_fds=(guest_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(spec.box_dir / "qemu.log", "wb"),
+            )
+        except BaseException:
+            host_end.close()
+            for helper in helpers:
+                helper.kill()
+                process.reap(helper)
+            raise
+        finally:
+            guest_end.close()
+        return QemuVM(proc, helpers, host_end, spec)
+
+
+def _start_virtiofsd(share: Share, sock: Path) -> subprocess.Popen:
+    binary = find_virtiofsd()
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    if "--shared-dir" in help_text:  # the Rust virtiofsd (Debian 13)
+        argv = [binary, f"--socket-path={sock}", f"--shared-dir={share.host}", "--cache=never"]
+        if os.geteuid() != 0:
+            argv.append("--sandbox=none")
+    else:  # the C virtiofsd bundled with qemu 7.2
+        argv = [binary, f"--socket-path={sock}", "-o", f"source={share.host}", "-o", "cache=none"]
+    if share.readonly:
+        argv = _readonly_wrapper(share, argv, help_text)
+    log.debug("starting %s", " ".join(argv))
+    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(f"{sock}.log", "wb"))
+
+
+def _readonly_wrapper(share: Share, argv: list[str], help_text: str) -> list[str]:
+    """Enforce read-only on the host: the guest controls its own mount flags, so they prove nothing."""
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        # A private mount namespace in which the shared directory is a read-only bind of itself.
+        script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(share.host), *argv]
+    if "--readonly" in help_text:
+        return [*argv, "--readonly"]
+    raise EngineUnavailable(
+        f"cannot share {share.host} read-only: this virtiofsd has no --readonly and binding it read-only needs "
+        "root; run as root, install a newer virtiofsd, or share the volume read-write"
+    )
+
+
+def _wait_for_socket(path: Path, helper: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if helper.poll() is not None:
+            log_file = Path(f"{path}.log")
+            raise BoxError(f"virtiofsd exited with {helper.returncode}: {log_file.read_text(errors='replace')[-1000:]}")
+        if time.monotonic() > deadline:
+            raise BoxError(f"virtiofsd did not create {path} within {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+class QemuVM(VM):
+    def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
+                 spec: LaunchSpec) -> None:
+        self.proc = proc
+        self.helpers = helpers
+        self.channel = channel
+        self.pid = proc.pid
+        self.spec = spec
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        for proc in (self.proc, *self.helpers):
+            if proc.poll() is None:
+                proc.kill()
+        for proc in (self.proc, *self.helpers):
+            process.reap(proc)
+        self.channel.close()
+
+    def kill_async(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def console_tail(self, lines: int = 30) -> str:
+        text = _tail(self.spec.console_log, lines)
+        qemu_log = _tail(self.spec.box_dir / "qemu.log", 5)
+        return text + (f"\n[qemu] {qemu_log}" if qemu_log else "")
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for proc in (self.proc, *self.helpers):
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+
+def _tail(path: Path, lines: int, limit: int = 65536) -> str:
+    """The last `lines` lines of a file the guest writes to, reading at most `limit` bytes."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            data = f.read(limit)
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r", "")
+    return "\n".join(text.strip().splitlines()[-lines:])

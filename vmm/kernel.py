@@ -1,0 +1,256 @@
+"""The guest kernel: find it, extract the uncompressed vmlinux for PVH boot, build the initramfs.
+
+Both are cached under `home/kernels/<key>/`, keyed by the kernel, its modules, the agent and busybox.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from . import agent
+from .errors import EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+# What the agent loads, in this order; dependencies come from the kernel's modules.dep.
+MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "overlay",
+    "virtiofs",
+    "vmw_vsock_virtio_transport",
+)
+BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
+RECIPE = "1"  # bump when the initramfs layout changes
+
+# Compressed payload magics inside a bzImage, with the way to decompress each.
+_MAGICS = (
+    (b"\x1f\x8b\x08", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x02\x21\x4c\x18", "lz4"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel image and the module tree that belongs to it."""
+
+    image: Path
+    modules: Path
+
+    @property
+    def release(self) -> str:
+        return self.modules.name
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    vmlinux: Path  # uncompressed ELF with a PVH note (boots without decompression)
+    initramfs: Path  # uncompressed newc cpio: the agent as /init, busybox, modules
+    release: str
+
+
+def find_kernel(image: str | os.PathLike[str] | None = None, modules: str | os.PathLike[str] | None = None) -> Kernel:
+    """The named kernel, else `$BOXLITE_KERNEL`, else the newest Debian cloud kernel, else the newest in /boot."""
+    image = image or os.environ.get("BOXLITE_KERNEL")
+    modules = modules or os.environ.get("BOXLITE_KERNEL_MODULES")
+    if image:
+        path = Path(image)
+        if not path.is_file():
+            raise EngineUnavailable(f"kernel {path} does not exist: pass an existing kernel image (bzImage or vmlinux)")
+        if not modules:
+            release = path.name.removeprefix("vmlinuz-").removeprefix("vmlinux-")
+            modules = Path("/lib/modules") / release
+        kernel = Kernel(path, Path(modules))
+    else:
+        candidates = sorted(Path("/boot").glob("vmlinuz-*-cloud-amd64"), key=_version_key) or sorted(
+            Path("/boot").glob("vmlinuz-*"), key=_version_key
+        )
+        if not candidates:
+            raise EngineUnavailable(
+                "no guest kernel found in /boot: install one with `sudo apt-get install linux-image-cloud-amd64` "
+                "(or run `make setup`), or set BOXLITE_KERNEL to a kernel image"
+            )
+        path = candidates[-1]
+        kernel = Kernel(path, Path("/lib/modules") / path.name.removeprefix("vmlinuz-"))
+    if not kernel.modules.is_dir():
+        raise EngineUnavailable(
+            f"no module tree for kernel {kernel.image} at {kernel.modules}: install the kernel package, "
+            "or set BOXLITE_KERNEL_MODULES to its /lib/modules/<release> directory"
+        )
+    if not os.access(kernel.image, os.R_OK):
+        raise EngineUnavailable(
+            f"cannot read the guest kernel {kernel.image} (Debian makes /boot/vmlinuz-* readable by root only): "
+            f"run `sudo chmod 0644 {kernel.image}`, or copy it somewhere readable and set BOXLITE_KERNEL"
+        )
+    return kernel
+
+
+def _version_key(path: Path) -> list:
+    return [int(p) if p.isdigit() else p for p in path.name.replace("-", ".").split(".")]
+
+
+def boot_files(kernels_dir: Path, kernel: Kernel) -> BootFiles:
+    """The cached vmlinux + initramfs for this kernel, built once under a file lock."""
+    agent_path = agent.binary()
+    busybox = next((Path(p) for p in BUSYBOX if Path(p).is_file()), None)
+    if busybox is None:
+        raise EngineUnavailable("busybox not found: install it with `sudo apt-get install busybox-static`")
+    key = hashlib.sha256()
+    for part in (RECIPE, kernel.image, kernel.modules, *MODULES):
+        key.update(str(part).encode() + b"\0")
+    for path in (kernel.image, agent_path, busybox):
+        st = path.stat()
+        key.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+    out = kernels_dir / f"{kernel.release}-{key.hexdigest()[:16]}"
+    files = BootFiles(out / "vmlinux", out / "initramfs.cpio", kernel.release)
+    if files.vmlinux.is_file() and files.initramfs.is_file():
+        return files
+    kernels_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if files.vmlinux.is_file() and files.initramfs.is_file():
+            return files
+        log.info("building guest boot files for kernel %s in %s", kernel.release, out)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=kernels_dir))
+        try:
+            (tmp / "vmlinux").write_bytes(extract_vmlinux(kernel.image.read_bytes()))
+            (tmp / "initramfs.cpio").write_bytes(build_initramfs(kernel, agent_path, busybox))
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def extract_vmlinux(image: bytes) -> bytes:
+    """The ELF vmlinux inside a bzImage (or the image itself if it is already an ELF)."""
+    if image[:4] == b"\x7fELF":
+        return image
+    if image[0x202:0x206] != b"HdrS":
+        raise EngineUnavailable("the guest kernel is neither a bzImage nor an ELF vmlinux")
+    setup_sects = image[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", image, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = image[start : start + payload_length]
+    for magic, method in _MAGICS:
+        if payload.startswith(magic):
+            data = _decompress(method, payload)
+            if data[:4] != b"\x7fELF":
+                break
+            return data
+    raise EngineUnavailable("cannot extract vmlinux from the guest kernel (unknown compression)")
+
+
+def _decompress(method: str, payload: bytes) -> bytes:
+    if method == "gzip":
+        return gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
+    if method == "xz":
+        return lzma.LZMADecompressor().decompress(payload)
+    tool = {"lz4": ["lz4", "-dc"], "zstd": ["zstd", "-dc"]}[method]
+    if shutil.which(tool[0]) is None:
+        raise EngineUnavailable(
+            f"the guest kernel is {method}-compressed and `{tool[0]}` is missing: "
+            f"install it with `sudo apt-get install {tool[0]}`"
+        )
+    # The payload may carry trailing bytes (the kernel's size field): the tool complains but the output is whole.
+    done = subprocess.run(tool, input=payload, capture_output=True, check=False)
+    return done.stdout
+
+
+def module_closure(modules_dir: Path, wanted: tuple[str, ...] = MODULES) -> list[Path]:
+    """Module files for `wanted` and their dependencies, dependencies first; absent modules are skipped."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[target] = rest.split()
+    by_name = {_module_name(p): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        if name in by_name:
+            visit(by_name[name])
+        else:
+            log.debug("module %s not in %s (built in, or absent)", name, modules_dir)
+    return [modules_dir / p for p in order]
+
+
+def _module_name(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.split(".ko", 1)[0].replace("-", "_")
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def build_initramfs(kernel: Kernel, agent_path: Path, busybox: Path) -> bytes:
+    """An uncompressed newc cpio (no compression: the kernel unpacks it faster than it inflates)."""
+    cpio = _Cpio()
+    for d in ("dev", "proc", "sys", "bin", "lib", "lib/modules", "lower", "upper", "newroot", "mnt", "tmp"):
+        cpio.add(d, stat.S_IFDIR | 0o755)
+    # The kernel opens /dev/console before /init runs: it must exist in the archive.
+    cpio.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
+    cpio.add("init", stat.S_IFREG | 0o755, agent_path.read_bytes())
+    cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
+    order = []
+    for path in module_closure(kernel.modules):
+        name = f"lib/modules/{_module_name(path.name)}.ko"
+        cpio.add(name, stat.S_IFREG | 0o644, _read_module(path))
+        order.append(name)
+    cpio.add("modules.order", stat.S_IFREG | 0o644, ("\n".join(order) + "\n").encode())
+    return cpio.finish()
+
+
+class _Cpio:
+    """A minimal writer of the newc format the kernel reads (no root needed for device nodes)."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._ino = 1
+
+    def add(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        fields = (self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0)
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self._write(header + name.encode() + b"\0")
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.write(b"\0" * (-self._out.tell() % 4))
+
+    def finish(self) -> bytes:
+        self.add("TRAILER!!!", 0)
+        return self._out.getvalue()

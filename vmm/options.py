@@ -1,0 +1,143 @@
+"""Box options: what a box is made of. Validated before any VM starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .errors import ConfigError
+
+ENGINES = ("auto", "qemu", "qemu-kvm", "qemu-tcg", "libkrun")
+MEMORY_RANGE = (128, 65536)
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A host directory shared into the box through virtiofs."""
+
+    host: str
+    guest: str
+    mode: Literal["ro", "rw"] = "ro"
+
+    @classmethod
+    def parse(cls, spec: "Volume | str | tuple | list") -> "Volume":
+        """Accept a Volume, `HOST:GUEST[:ro|rw]`, or a (host, guest[, mode]) sequence."""
+        if isinstance(spec, Volume):
+            return spec
+        parts = spec.split(":") if isinstance(spec, str) else list(spec)
+        if len(parts) not in (2, 3):
+            raise ConfigError(f"volume {spec!r}: write it as HOST:GUEST or HOST:GUEST:ro|rw")
+        return cls(*parts)
+
+
+@dataclass(frozen=True)
+class Port:
+    """A host port on 127.0.0.1 forwarded to a guest port (QEMU user networking)."""
+
+    host: int
+    guest: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+    @classmethod
+    def parse(cls, spec: "Port | str | tuple | list") -> "Port":
+        """Accept a Port, `HOST:GUEST[/tcp|udp]`, or a (host, guest[, protocol]) sequence."""
+        if isinstance(spec, Port):
+            return spec
+        if isinstance(spec, str):
+            ports, _, proto = spec.partition("/")
+            parts: list[Any] = ports.split(":") + ([proto] if proto else [])
+        else:
+            parts = list(spec)
+        try:
+            return cls(int(parts[0]), int(parts[1]), *parts[2:3])
+        except (ValueError, IndexError):
+            raise ConfigError(f"port {spec!r}: write it as HOST:GUEST or HOST:GUEST/udp") from None
+
+
+@dataclass(frozen=True)
+class BoxOptions:
+    """Everything a box is made of. `validate()` runs before any VM starts."""
+
+    image: str | None = None  # None: the embedded default image; "dir:PATH" for a root filesystem
+    cpus: int = 1
+    memory_mib: int = 512
+    env: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str | None = None  # None: the image's
+    user: str | None = None  # None: the image's
+    volumes: tuple[Volume, ...] = ()
+    network: bool = True
+    ports: tuple[Port, ...] = ()
+    disk_size_gb: int | None = None  # a persistent upper layer of this size; None: ephemeral (RAM)
+    auto_remove: bool = True  # remove the box's state when it stops (ignored with a persistent disk)
+    engine: str = "auto"
+    name: str | None = None
+
+    def validated(self) -> "BoxOptions":
+        """A normalised copy (parsed volumes and ports), or ConfigError naming the bad field."""
+        volumes = tuple(Volume.parse(v) for v in self.volumes)
+        ports = tuple(Port.parse(p) for p in self.ports)
+        host_cpus = os.cpu_count() or 1
+        _check_int("cpus", self.cpus, 1, host_cpus, "this host has {hi} CPUs")
+        _check_int("memory_mib", self.memory_mib, *MEMORY_RANGE)
+        if self.disk_size_gb is not None:
+            _check_int("disk_size_gb", self.disk_size_gb, 1, 2048)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine={self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if not isinstance(self.env, Mapping):
+            raise ConfigError("env must be a mapping of variable names to strings")
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not ENV_NAME.match(key):
+                raise ConfigError(f"env: {key!r} is not a valid variable name")
+            if not isinstance(value, str) or "\0" in value:
+                raise ConfigError(f"env: the value of {key} must be a string without NUL bytes")
+        if self.working_dir is not None and not self.working_dir.startswith("/"):
+            raise ConfigError(f"working_dir={self.working_dir!r} must be an absolute path in the box")
+        guests = set()
+        for vol in volumes:
+            if vol.mode not in ("ro", "rw"):
+                raise ConfigError(f"volume {vol.host}:{vol.guest}: mode must be 'ro' or 'rw', not {vol.mode!r}")
+            if not Path(vol.host).is_dir():
+                raise ConfigError(f"volume {vol.host}:{vol.guest}: {vol.host} is not a directory on the host")
+            if not vol.guest.startswith("/") or vol.guest == "/" or ".." in vol.guest.split("/"):
+                raise ConfigError(
+                    f"volume {vol.host}:{vol.guest}: the guest path must be absolute, not /, without '..'"
+                )
+            if vol.guest in guests:
+                raise ConfigError(f"volume guest path {vol.guest} is used twice")
+            guests.add(vol.guest)
+        volumes = tuple(dataclasses.replace(v, host=str(Path(v.host).resolve())) for v in volumes)
+        for port in ports:
+            _check_int("ports: host port", port.host, 1, 65535)
+            _check_int("ports: guest port", port.guest, 1, 65535)
+            if port.protocol not in ("tcp", "udp"):
+                raise ConfigError(f"port {port.host}:{port.guest}: protocol must be tcp or udp")
+        if ports and not self.network:
+            raise ConfigError("ports need network=True")
+        return dataclasses.replace(self, volumes=volumes, ports=ports, env=dict(self.env))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BoxOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown box option(s): {', '.join(sorted(unknown))}")
+        data = dict(data)
+        data["volumes"] = tuple(Volume(**v) if isinstance(v, dict) else v for v in data.get("volumes", ()))
+        data["ports"] = tuple(Port(**p) if isinstance(p, dict) else p for p in data.get("ports", ()))
+        return cls(**data)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, not {value!r}")
+    if not lo <= value <= hi:
+        extra = f" ({hint.format(hi=hi)})" if hint else ""
+        raise ConfigError(f"{name}={value} is out of range: use {lo}..{hi}{extra}")

@@ -1,0 +1,81 @@
+"""Helper processes (qemu, virtiofsd) that never outlive the process that started them.
+
+Each child gets PR_SET_PDEATHSIG=SIGKILL. The kernel sends it when the *thread* that forked the child
+exits, so every child is forked by one long-lived spawner thread, not by whichever thread asked.
+`kill_all()` runs at interpreter exit for the graceful paths (Ctrl-C, sys.exit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import queue
+import signal
+import subprocess
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_requests: "queue.Queue[tuple[Future, tuple, dict]]" = queue.Queue()
+_children: set[subprocess.Popen] = set()
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _serve() -> None:
+    while True:
+        future, args, kwargs = _requests.get()
+        try:
+            future.set_result(subprocess.Popen(*args, preexec_fn=_die_with_parent, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)
+
+
+def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    """`subprocess.Popen(*args, **kwargs)`, forked by the spawner thread, tracked for cleanup."""
+    global _thread
+    with _lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_serve, name="boxlite-spawner", daemon=True)
+            _thread.start()
+    future: Future = Future()
+    _requests.put((future, args, kwargs))
+    proc = future.result()
+    with _lock:
+        _children.add(proc)
+    return proc
+
+
+def reap(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """Wait for `proc` to end (SIGKILL after `timeout`), then forget it."""
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    with _lock:
+        _children.discard(proc)
+    return code
+
+
+def kill_all() -> None:
+    with _lock:
+        children = list(_children)
+    for proc in children:
+        if proc.poll() is None:
+            log.debug("killing leftover helper process %s", proc.pid)
+            proc.kill()
+    for proc in children:
+        reap(proc)
+
+
+atexit.register(kill_all)

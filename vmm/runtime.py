@@ -1,0 +1,191 @@
+"""The runtime: creates boxes, finds them again, and accounts for them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import engines, kernel
+from .box import Box, BoxInfo
+from .errors import BoxNotFound
+from .home import Home
+from .images import ImageConfig, ResolvedImage, resolve_image
+from .options import BoxOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeMetrics:
+    active_boxes: int
+    boxes_created: int
+    boxes_destroyed: int
+    exec_calls: int
+    boots: int
+    boot_seconds: float
+
+
+class Runtime:
+    """Boxes under one runtime home. `with Runtime() as rt:` stops every box it started at the end."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, *, kernel_image: str | None = None,
+                 kernel_modules: str | None = None, progress: Callable[[str], None] | None = None) -> None:
+        self.home = Home(home)
+        self._kernel_args = (kernel_image, kernel_modules)
+        self._kernel: kernel.Kernel | None = None
+        self.progress = progress
+        self._lock = threading.Lock()
+        self._boxes: dict[str, Box] = {}
+        self._created = self._destroyed = self._execs = self._boots = 0
+        self._boot_seconds = 0.0
+        self._sweep()
+
+    @property
+    def kernel(self) -> kernel.Kernel:
+        if self._kernel is None:
+            self._kernel = kernel.find_kernel(*self._kernel_args)
+        return self._kernel
+
+    def create(self, options: BoxOptions | None = None, **overrides: Any) -> Box:
+        """A new box (not started yet: `start()` it, or use it in a `with` block).
+
+        Options are checked first; the engine and kernel are found and the image prepared before this
+        returns, so a missing qemu, kernel or image fails here, before any VM starts.
+        """
+        options = BoxOptions(**overrides) if options is None else options
+        if overrides and options is not None:
+            options = BoxOptions.from_dict({**options.to_dict(), **overrides})
+        options = options.validated()
+        engines.select(options.engine)
+        self.kernel  # noqa: B018 - found now so that a missing kernel fails before any work
+        image = resolve_image(options.image, self.home.root, progress=self.progress)
+        box_id = uuid.uuid4().hex
+        box = Box(self, box_id, options, image, created=time.time())
+        box._save()
+        with self._lock:
+            self._boxes[box_id] = box
+            self._created += 1
+        return box
+
+    def get(self, box_id: str) -> Box:
+        """The box with this id (or unique id prefix), live in this process or stopped on disk."""
+        with self._lock:
+            matches = [b for i, b in self._boxes.items() if i.startswith(box_id)]
+        if len(matches) == 1:
+            return matches[0]
+        ids = [p.name for p in self.home.boxes.iterdir() if p.name.startswith(box_id) and (p / "box.json").exists()]
+        if len(ids) != 1 or not box_id:
+            what = "matches several boxes" if len(ids) > 1 else "matches no box"
+            raise BoxNotFound(f"box id {box_id!r} {what} in {self.home.boxes}; `Runtime.list()` shows them")
+        box = self._load(ids[0])
+        with self._lock:
+            self._boxes.setdefault(box.id, box)
+            return self._boxes[box.id]
+
+    def _load(self, box_id: str) -> Box:
+        state = json.loads((self.home.box_dir(box_id) / "box.json").read_text())
+        image = state["image"]
+        image["config"] = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in image["config"].items()})
+        image["base"] = Path(image["base"])
+        status = state["status"]
+        if status == "running" and not _alive(state.get("owner")):
+            status = "stopped"
+        box = Box(self, box_id, BoxOptions.from_dict(state["options"]), ResolvedImage(**image),
+                  created=state["created"], status=status)
+        box.engine_name = state.get("engine")
+        return box
+
+    def list(self) -> list[BoxInfo]:
+        """Every box in this runtime home, newest first."""
+        infos = []
+        for path in self.home.boxes.iterdir():
+            if (path / "box.json").exists():
+                with self._lock:
+                    live = self._boxes.get(path.name)
+                try:
+                    infos.append((live or self._load(path.name)).info())
+                except (OSError, ValueError, KeyError, TypeError):
+                    log.warning("ignoring unreadable box state in %s", path)
+        return sorted(infos, key=lambda i: i.created, reverse=True)
+
+    def remove(self, box_id: str) -> None:
+        self.get(box_id).remove()
+
+    def metrics(self) -> RuntimeMetrics:
+        with self._lock:
+            active = sum(1 for b in self._boxes.values() if b.status == "running")
+            return RuntimeMetrics(active, self._created, self._destroyed, self._execs, self._boots,
+                                  self._boot_seconds)
+
+    def close(self) -> None:
+        """Stop every box this runtime started; remove the ephemeral ones."""
+        with self._lock:
+            boxes = list(self._boxes.values())
+        errors = []
+        for box in boxes:
+            try:
+                box.stop()
+            except Exception as exc:  # noqa: BLE001 - stop the others, then report
+                errors.append(exc)
+            if box.status == "created" and box._auto_remove:
+                box._remove_files()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- accounting, called by boxes -----------------------------------------------------------------
+    def _started(self, box: Box, seconds: float) -> None:
+        with self._lock:
+            self._boots += 1
+            self._boot_seconds += seconds
+
+    def _stopped(self, box: Box) -> None:
+        pass
+
+    def _removed(self, box: Box) -> None:
+        with self._lock:
+            self._boxes.pop(box.id, None)
+            self._destroyed += 1
+
+    def _exec_called(self) -> None:
+        with self._lock:
+            self._execs += 1
+
+    def _sweep(self) -> None:
+        """Forget ephemeral boxes whose process died without cleaning up (SIGKILL, power loss)."""
+        for path in self.home.boxes.iterdir():
+            try:
+                state = json.loads((path / "box.json").read_text())
+            except (OSError, ValueError):
+                continue
+            owner = state.get("owner")
+            options = state.get("options", {})
+            if owner and not _alive(owner) and options.get("auto_remove") and not options.get("disk_size_gb"):
+                log.debug("removing box %s left by dead process %s", path.name, owner)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
