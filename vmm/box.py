@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import tarfile
@@ -200,8 +201,11 @@ class Box:
             code = vm.wait(2.0)
             if code is not None and self.status == "running":
                 self.status = "crashed"
-            return BoxError(f"box {self.id}: {reason}" + (f" (VM exit code {code})" if code is not None else ""),
-                            vm.console_tail())
+            tail = vm.console_tail()
+            panic = re.search(r"Kernel panic - not syncing: ([^\n]*)", vm.console_tail(400))
+            if panic:
+                reason = f"the guest kernel panicked ({panic.group(1).strip()})"
+            return BoxError(f"box {self.id}: {reason}" + (f" (VM exit code {code})" if code is not None else ""), tail)
         return lost
 
     @staticmethod
@@ -217,6 +221,8 @@ class Box:
             if vm is None:
                 return
             self._vm = self._channel = None
+            if self.status == "running":
+                self.status = "stopping"  # the channel's end is expected now, not a crash
             try:
                 if channel is not None and channel.error is None:
                     channel.send(T.SHUTDOWN, 0)
@@ -225,8 +231,8 @@ class Box:
                 pass
             finally:
                 self._teardown(vm, channel)
-            if self.status in ("running", "crashed"):
-                self.status = "stopped" if self.status == "running" else "crashed"
+            if self.status == "stopping":
+                self.status = "stopped"
             self._runtime._stopped(self)
             if self._auto_remove:
                 self._remove_files()
@@ -281,7 +287,9 @@ class Box:
         items: list[tuple[str, bytes | str | int]] = [("a", a) for a in argv]
         items += [("e", f"{k}={v}") for k, v in merged.items()]
         items.append(("c", cwd or self.options.working_dir or self.image.config.working_dir or "/"))
-        items.append(("u", user or self.options.user or self.image.config.user or "root"))
+        # The agent's own root has no /etc/passwd: its tools run as uid 0.
+        default_user = "0:0" if _root == "agent" else self.options.user or self.image.config.user or "root"
+        items.append(("u", user or default_user))
         items.append(("r", _root))
         channel = self._running_channel()
         execution = Execution(channel, argv, records(items))
@@ -357,11 +365,16 @@ class Box:
                         _check_member(member, name)
                         tar.extract(member, staging, filter="data")
             except (tarfile.TarError, ValueError) as exc:
+                broken: Exception | None = exc
                 execution.kill()
-                raise GuestProtocolError(f"copy_out of {src}: the box sent an unsafe or broken archive: {exc}")
+            else:
+                broken = None
             stderr = execution.stderr.read()
-            if execution.wait() != 0:
+            code = execution.wait()
+            if code > 0:  # tar's own complaint (no such file) says more than the archive it cut short
                 raise ExecError(f"copy_out of {src} failed: {stderr[-500:].decode(errors='replace')}")
+            if broken is not None:
+                raise GuestProtocolError(f"copy_out of {src}: the box sent an unsafe or broken archive: {broken}")
             if dest.is_dir() and not dest.is_symlink():
                 shutil.rmtree(dest)
             os.replace(staging / name, dest)

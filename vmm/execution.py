@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import BoxError, ExecError, ExecTimeout, OutputLimitExceeded
-from .protocol import MAX_PAYLOAD, STDIN_WINDOW, T, parse_records, record_int, records
+from .errors import BoxError, ExecError, ExecTimeout, GuestProtocolError, OutputLimitExceeded
+from .protocol import MAX_PAYLOAD, OUTPUT_WINDOW, STDIN_WINDOW, T, parse_records, record_int, records
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -89,6 +89,7 @@ class Execution:
         self._chunks: dict[int, collections.deque[bytes]] = {STDOUT: collections.deque(), STDERR: collections.deque()}
         self._buffered = 0
         self._unacked = 0
+        self._window = OUTPUT_WINDOW  # what the guest may still send; overrunning it is a protocol violation
         self._stdin_credit = STDIN_WINDOW
         self._stdin_closed = False
         self._error: BaseException | None = None
@@ -101,6 +102,9 @@ class Execution:
     def on_frame(self, kind: T, payload: bytes) -> None:
         with self._cond:
             if kind in (T.STDOUT, T.STDERR):
+                self._window -= len(payload)
+                if self._window < 0:
+                    raise GuestProtocolError("the guest sent output beyond its flow-control window")
                 self._chunks[STDOUT if kind == T.STDOUT else STDERR].append(payload)
                 self._buffered += len(payload)
                 self._unacked += len(payload)
@@ -147,6 +151,7 @@ class Execution:
                 self._channel.send(T.CREDIT, self._stream, records([("n", self._unacked)]))
             except BoxError:
                 return
+            self._window += self._unacked
             self._unacked = 0
 
     # -- the caller's side ---------------------------------------------------------------------------

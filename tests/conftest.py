@@ -1,0 +1,42 @@
+"""Shared fixtures: one runtime home for the session and one booted box shared by the tests that only
+run commands (booting under TCG costs seconds; tests that need a fresh VM make their own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmm import BoxOptions, Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    # BOXLITE_HOME (set by .ci/run) keeps the default image between runs; else the user's cache.
+    with Runtime() as rt:
+        yield rt
+
+
+@pytest.fixture(scope="session")
+def shared_box(runtime):
+    """A box for tests that do not change it in ways other tests could see."""
+    with runtime.create(BoxOptions(env={"BOX_LEVEL": "box"})) as box:
+        yield box
+
+
+def vm_processes(marker: str) -> list[str]:
+    """Command lines of qemu/virtiofsd processes that mention `marker` (a runtime home or box id)."""
+    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system|virtiofsd"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line]
+
+
+@pytest.fixture
+def child_env(tmp_path):
+    """Environment for child pythons that use the runtime: same image cache, package importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    return env

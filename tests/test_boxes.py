@@ -1,0 +1,177 @@
+"""Box lifecycle with real VMs: ephemeral and persistent disks, volumes, ports, crashes, the runtime API."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Volume
+
+
+def test_ephemeral_writes_vanish(runtime):
+    with runtime.create(BoxOptions()) as box:
+        box.exec("sh", "-c", "echo secret > /root/note; echo x > /etc/added")
+        assert box.exec("cat", "/root/note").stdout == b"secret\n"
+    with runtime.create(BoxOptions()) as box:
+        assert box.exec("ls", "/root/note", "/etc/added").exit_code != 0
+
+
+def test_persistent_disk_survives_stop_and_get(runtime):
+    box = runtime.create(BoxOptions(disk_size_gb=1))
+    try:
+        with box:
+            box.exec("sh", "-c", "echo kept > /root/kept; rm /etc/hostname")
+        assert box.info().status == "stopped"
+        again = runtime.get(box.id[:10])
+        with again:
+            assert again.exec("cat", "/root/kept").stdout == b"kept\n"
+            assert again.exec("test", "-e", "/etc/hostname").exit_code == 1  # deletions persist too
+        assert box.id in [info.id for info in runtime.list()]
+    finally:
+        box.remove()
+    assert box.id not in [info.id for info in runtime.list()]
+    with pytest.raises(BoxNotFound):
+        runtime.get(box.id)
+
+
+def test_volumes_rw_and_ro_enforced_on_the_host(runtime, tmp_path):
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "given.txt").write_text("from host\n")
+    options = BoxOptions(volumes=(Volume(str(rw), "/mnt/rw", "rw"), f"{ro}:/mnt/ro:ro"))
+    with runtime.create(options) as box:
+        assert box.exec("cat", "/mnt/ro/given.txt").stdout == b"from host\n"
+        assert box.exec("sh", "-c", "echo from box > /mnt/rw/made.txt").exit_code == 0
+        assert box.exec("sh", "-c", "echo x > /mnt/ro/new.txt").exit_code != 0
+        # The guest owns its kernel: remounting read-write inside must not make the host share writable.
+        box.exec("mount", "-o", "remount,rw", "/mnt/ro")
+        box.exec("sh", "-c", "echo x > /mnt/ro/new.txt; rm -f /mnt/ro/given.txt")
+    assert (rw / "made.txt").read_text() == "from box\n"
+    assert sorted(p.name for p in ro.iterdir()) == ["given.txt"]
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"hello from the host")
+
+    def log_message(self, *args):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_network_reaches_the_host_loopback_and_ports_forward(runtime):
+    server = HTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host_port = _free_port()
+    try:
+        with runtime.create(BoxOptions(ports=(f"{host_port}:8000",))) as box:
+            # QEMU user networking: the host's 127.0.0.1 is the gateway 10.0.2.2 from the box.
+            fetch = f"import urllib.request; print(urllib.request.urlopen('http://10.0.2.2:{server.server_port}').read().decode())"
+            assert box.exec("python3", "-c", fetch, timeout=120).stdout == b"hello from the host\n"
+            serve = box.spawn("python3", "-m", "http.server", "8000", "-d", "/etc")
+            body = _get_with_retries(host_port)
+            assert "debian_version" in body
+            serve.kill()
+    finally:
+        server.shutdown()
+
+
+def _get_with_retries(port: int) -> str:
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_network_off_means_no_interface(runtime):
+    with runtime.create(BoxOptions(network=False)) as box:
+        assert box.exec("ls", "/sys/class/net").stdout.split() == [b"lo"]
+
+
+def test_guest_panic_is_an_error_with_the_console_tail(runtime):
+    box = runtime.create(BoxOptions())
+    with box:
+        with pytest.raises(BoxError, match="guest kernel panicked \\(sysrq triggered crash\\)"):
+            box.exec("sh", "-c", "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger", timeout=120)
+        assert box.info().status == "crashed"
+        with pytest.raises(BoxError):
+            box.exec("true")
+
+
+def test_bad_options_fail_before_any_vm(runtime, tmp_path):
+    before = runtime.metrics().boxes_created
+    for bad, message in [
+        (dict(memory_mib=64), "memory_mib=64 is out of range: use 128..65536"),
+        (dict(memory_mib=100000), "memory_mib=100000 is out of range"),
+        (dict(cpus=0), "cpus=0 is out of range"),
+        (dict(cpus=4096), "cpus=4096 is out of range"),
+        (dict(cpus="2"), "cpus must be an integer"),
+        (dict(engine="vmware"), "engine='vmware': choose one of"),
+        (dict(volumes=(f"{tmp_path}/missing:/x",)), "is not a directory on the host"),
+        (dict(volumes=(f"{tmp_path}:relative",)), "guest path must be absolute"),
+        (dict(volumes=(f"{tmp_path}:/x:rx",)), "mode must be 'ro' or 'rw'"),
+        (dict(ports=("80",)), "write it as HOST:GUEST"),
+        (dict(ports=("70000:80",)), "host port=70000 is out of range"),
+        (dict(network=False, ports=("8080:80",)), "ports need network=True"),
+        (dict(env={"1BAD": "x"}), "not a valid variable name"),
+        (dict(working_dir="tmp"), "must be an absolute path"),
+        (dict(disk_size_gb=0), "disk_size_gb=0 is out of range"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            runtime.create(BoxOptions(**bad))
+    assert runtime.metrics().boxes_created == before
+
+
+def test_using_a_box_that_is_not_running_is_an_error(runtime):
+    box = runtime.create(BoxOptions())
+    with pytest.raises(BoxError, match="is created: start"):
+        box.exec("true")
+    box.remove()
+
+
+def test_info_list_and_metrics(runtime):
+    with runtime.create(BoxOptions(name="listed")) as box:
+        info = box.info()
+        assert (info.status, info.name, info.image, info.engine) == ("running", "listed", "default", "qemu-tcg")
+        assert box.exec("hostname").stdout == b"listed\n"
+        assert any(i.id == box.id and i.status == "running" for i in runtime.list())
+    assert box.id not in [i.id for i in runtime.list()]  # auto_remove
+
+
+def test_async_api_mirrors_the_sync_one(runtime):
+    async def main() -> tuple[bytes, list[bytes], int]:
+        async with AsyncRuntime(runtime.home.root) as rt:
+            box = await rt.create(BoxOptions())
+            async with box:
+                result = await box.exec("sh", "-c", "echo async")
+                execution = await box.spawn("sh", "-c", "echo one; echo two")
+                chunks = [chunk async for chunk in execution.stdout]
+                code = await execution.wait()
+            return result.stdout, chunks, code
+
+    stdout, chunks, code = asyncio.run(main())
+    assert stdout == b"async\n" and b"".join(chunks) == b"one\ntwo\n" and code == 0
+
+
+def test_exec_error_in_a_missing_working_dir(shared_box):
+    with pytest.raises(ExecError, match="/no/such/dir"):
+        shared_box.exec("true", cwd="/no/such/dir")
