@@ -125,8 +125,8 @@ def test_ctrl_c_during_a_pytest_run_leaves_nothing(tmp_path, child_env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True,
                             cwd=tmp_path, preexec_fn=_default_sigint)
     for line in proc.stdout:
-        if line.startswith("BOX "):
-            box_id = line.split()[1]
+        if "BOX " in line:  # pytest -s prints it after the test file's name
+            box_id = line.split("BOX ")[1].split()[0]
             break
     else:
         pytest.fail("the inner pytest never started its box")
