@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -316,15 +317,39 @@ static const char *do_mount(const char *src, const char *tgt, const char *type, 
 
 /* ---------- boot: modules and channel ---------- */
 
+/* Is `tag` one of the comma-separated groups in `boxlite.modules=` on the kernel command line? */
+static int module_group_wanted(const char *cmdline, const char *tag)
+{
+	const char *p = strstr(cmdline, "boxlite.modules=");
+	if (!p) return 0;
+	p += 16;
+	size_t n = strlen(tag);
+	while (*p && *p != ' ' && *p != '\n') {
+		size_t len = strcspn(p, ", \n");
+		if (len == n && !strncmp(p, tag, n)) return 1;
+		p += len;
+		if (*p == ',') p++;
+	}
+	return 0;
+}
+
+/* /modules.order: "PATH" lines are always loaded, "PATH GROUP" lines only when the host asks for GROUP
+ * (a module loaded for a device the VM does not have is boot time spent for nothing). */
 static void load_modules(void)
 {
-	static char order[65536];
+	static char order[65536], cmdline[4096];
 	if (read_small("/modules.order", order, sizeof order) < 0) { logmsg("no /modules.order"); return; }
+	if (read_small("/proc/cmdline", cmdline, sizeof cmdline) < 0) cmdline[0] = 0;
 	for (char *line = order, *next; line && *line; line = next) {
 		next = strchr(line, '\n');
 		if (next) *next++ = 0;
 		while (*line == '/') line++;
 		if (!*line) continue;
+		char *tag = strchr(line, ' ');
+		if (tag) {
+			*tag++ = 0;
+			if (!module_group_wanted(cmdline, tag)) continue;
+		}
 		int fd = open(line, O_RDONLY | O_CLOEXEC); /* relative to /, our cwd */
 		if (fd < 0) { logmsg("module %s: %s", line, strerror(errno)); continue; }
 		if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
@@ -466,22 +491,37 @@ static const char *setup_network(void)
 
 static const char *setup_volume(const unsigned char *v, size_t len)
 {
-	/* TAG \0 GUESTPATH \0 ro|rw */
+	/* TAG \0 GUESTPATH \0 ro|rw|cow */
 	const unsigned char *z1 = memchr(v, 0, len);
 	const unsigned char *z2 = z1 ? memchr(z1 + 1, 0, len - (z1 + 1 - v)) : NULL;
-	if (!z2) return "volume: want TAG\\0PATH\\0ro|rw";
-	char tag[256], path[4096], tgt[4200];
+	if (!z2) return "volume: want TAG\\0PATH\\0ro|rw|cow";
+	char tag[64], path[4096], tgt[4200];
 	size_t tl = z1 - v, pl = z2 - z1 - 1, ml = len - (z2 + 1 - v);
 	const char *mode = (const char *)z2 + 1;
 	int ro = ml == 2 && !memcmp(mode, "ro", 2);
-	if (tl == 0 || tl >= sizeof tag || pl == 0 || pl >= sizeof path || !(ro || (ml == 2 && !memcmp(mode, "rw", 2))))
+	int cow = ml == 3 && !memcmp(mode, "cow", 3);
+	if (tl == 0 || tl >= sizeof tag || pl == 0 || pl >= sizeof path ||
+	    !(ro || cow || (ml == 2 && !memcmp(mode, "rw", 2))))
 		return "volume: bad tag, path or mode";
+	for (size_t i = 0; i < tl; i++) /* the tag becomes part of overlay options and paths */
+		if (!isalnum(v[i]) && v[i] != '_' && v[i] != '-') return "volume: tag must be [A-Za-z0-9_-]";
 	memcpy(tag, v, tl); tag[tl] = 0;
 	memcpy(path, z1 + 1, pl); path[pl] = 0;
 	if (path[0] != '/' || strstr(path, "/../") || (pl >= 3 && !strcmp(path + pl - 3, "/..")))
 		return "volume: path must be absolute without '..'";
 	snprintf(tgt, sizeof tgt, NEWROOT "%s", path);
-	return do_mount(tag, tgt, "virtiofs", ro ? MS_RDONLY : 0, NULL);
+	if (!cow) return do_mount(tag, tgt, "virtiofs", ro ? MS_RDONLY : 0, NULL);
+	/* Copy-on-write: the host share (read-only on the host) is the lower layer of an overlay whose upper
+	 * layer lives with the box's own writes, outside the box's view. */
+	char lower[128], upper[128], work[128], opts[512];
+	const char *err;
+	snprintf(lower, sizeof lower, "/vols/%s", tag);
+	snprintf(upper, sizeof upper, "/upperfs/vols/%s/upper", tag);
+	snprintf(work, sizeof work, "/upperfs/vols/%s/work", tag);
+	if ((err = do_mount(tag, lower, "virtiofs", MS_RDONLY, NULL))) return err;
+	if (mkdir_p(upper, 0755) < 0 || mkdir_p(work, 0755) < 0) return fail("volume upper dirs");
+	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work);
+	return do_mount("overlay", tgt, "overlay", 0, opts);
 }
 
 static const char *do_setup(const unsigned char *p, size_t len)

@@ -39,13 +39,18 @@ def test_persistent_disk_survives_stop_and_get(runtime):
         runtime.get(box.id)
 
 
-def test_volumes_rw_and_ro_enforced_on_the_host(runtime, tmp_path):
-    rw, ro = tmp_path / "rw", tmp_path / "ro"
-    rw.mkdir()
-    ro.mkdir()
+def test_volumes_rw_ro_and_cow(runtime, tmp_path):
+    rw, ro, cow = tmp_path / "rw", tmp_path / "ro", tmp_path / "cow"
+    for d in (rw, ro, cow):
+        d.mkdir()
     (ro / "given.txt").write_text("from host\n")
-    options = BoxOptions(volumes=(Volume(str(rw), "/mnt/rw", "rw"), f"{ro}:/mnt/ro:ro"))
+    (cow / "project.txt").write_text("original\n")
+    options = BoxOptions(volumes=(Volume(str(rw), "/mnt/rw", "rw"), f"{ro}:/mnt/ro:ro", (str(cow), "/srv/cow", "cow")))
     with runtime.create(options) as box:
+        # cow: the box reads the host files and writes over them, deletes them, adds new ones ...
+        script = "cat /srv/cow/project.txt; echo changed > /srv/cow/project.txt; touch /srv/cow/new; cat /srv/cow/project.txt"
+        assert box.exec("sh", "-c", script).stdout == b"original\nchanged\n"
+        assert box.exec("rm", "/srv/cow/project.txt").exit_code == 0
         assert box.exec("cat", "/mnt/ro/given.txt").stdout == b"from host\n"
         assert box.exec("sh", "-c", "echo from box > /mnt/rw/made.txt").exit_code == 0
         assert box.exec("sh", "-c", "echo x > /mnt/ro/new.txt").exit_code != 0
@@ -54,6 +59,9 @@ def test_volumes_rw_and_ro_enforced_on_the_host(runtime, tmp_path):
         box.exec("sh", "-c", "echo x > /mnt/ro/new.txt; rm -f /mnt/ro/given.txt")
     assert (rw / "made.txt").read_text() == "from box\n"
     assert sorted(p.name for p in ro.iterdir()) == ["given.txt"]
+    # ... and none of it reaches the host.
+    assert sorted(p.name for p in cow.iterdir()) == ["project.txt"]
+    assert (cow / "project.txt").read_text() == "original\n"
 
 
 class _Hello(BaseHTTPRequestHandler):
@@ -128,7 +136,7 @@ def test_bad_options_fail_before_any_vm(runtime, tmp_path):
         (dict(engine="vmware"), "engine='vmware': choose one of"),
         (dict(volumes=(f"{tmp_path}/missing:/x",)), "is not a directory on the host"),
         (dict(volumes=(f"{tmp_path}:relative",)), "guest path must be absolute"),
-        (dict(volumes=(f"{tmp_path}:/x:rx",)), "mode must be 'ro' or 'rw'"),
+        (dict(volumes=(f"{tmp_path}:/x:rx",)), "mode must be 'ro', 'rw' or 'cow'"),
         (dict(ports=("80",)), "write it as HOST:GUEST"),
         (dict(ports=("70000:80",)), "host port=70000 is out of range"),
         (dict(network=False, ports=("8080:80",)), "ports need network=True"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -19,9 +20,14 @@ BINARY = SOURCE_DIR / "build" / "boxlite-agent"
 
 
 def binary() -> Path:
-    """`$BOXLITE_AGENT` if set, else guest/build/boxlite-agent, built or rebuilt as needed."""
+    """`$BOXLITE_AGENT` if set, else guest/build/boxlite-agent, built or rebuilt as needed (once a process)."""
     if os.environ.get("BOXLITE_AGENT"):
         return Path(os.environ["BOXLITE_AGENT"])
+    return _built()
+
+
+@functools.lru_cache(maxsize=1)
+def _built() -> Path:
     if not (SOURCE_DIR / "agent.c").is_file():
         raise EngineUnavailable(f"the guest agent source {SOURCE_DIR / 'agent.c'} is missing: reinstall pytest-boxlite")
     for tool in ("make", os.environ.get("CC", "cc")):

@@ -143,7 +143,8 @@ class Box:
         disks = [Disk(self.image.base, ROOT_SERIAL, readonly=True)]
         if self.persistent:
             disks.append(Disk(self._upper_disk(), UPPER_SERIAL, readonly=False, format="qcow2"))
-        shares = tuple(Share(f"vol{i}", Path(v.host), v.mode == "ro") for i, v in enumerate(self.options.volumes))
+        # A cow volume is read-only on the host too: the box's writes go to its own overlay.
+        shares = tuple(Share(f"vol{i}", Path(v.host), v.mode != "rw") for i, v in enumerate(self.options.volumes))
         return LaunchSpec(
             box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
             memory_mib=self.options.memory_mib, disks=tuple(disks), shares=shares,

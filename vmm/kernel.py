@@ -26,19 +26,16 @@ from .errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
-# What the agent loads, in this order; dependencies come from the kernel's modules.dep.
-MODULES = (
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_console",
-    "virtio_net",
-    "virtio_rng",
-    "overlay",
-    "virtiofs",
-    "vmw_vsock_virtio_transport",
-)
+# What the agent loads, in this order; dependencies come from the kernel's modules.dep. The core group is
+# always loaded; the others only when the VM has the device (`boxlite.modules=` on the kernel command line).
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "core": ("virtio_mmio", "virtio_blk", "virtio_console", "overlay"),
+    "net": ("virtio_net",),
+    "fs": ("virtiofs",),
+    "vsock": ("vmw_vsock_virtio_transport",),
+}
 BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
-RECIPE = "2"  # bump when the initramfs layout changes
+RECIPE = "3"  # bump when the initramfs layout changes
 SIG_MAGIC = b"~Module signature appended~\n"
 
 # Compressed payload magics inside a bzImage, with the way to decompress each.
@@ -116,7 +113,7 @@ def boot_files(kernels_dir: Path, kernel: Kernel) -> BootFiles:
     if busybox is None:
         raise EngineUnavailable("busybox not found: install it with `sudo apt-get install busybox-static`")
     key = hashlib.sha256()
-    for part in (RECIPE, kernel.image, kernel.modules, *MODULES):
+    for part in (RECIPE, kernel.image, kernel.modules, MODULE_GROUPS):
         key.update(str(part).encode() + b"\0")
     for path in (kernel.image, agent_path, busybox):
         st = path.stat()
@@ -176,7 +173,7 @@ def _decompress(method: str, payload: bytes) -> bytes:
     return done.stdout
 
 
-def module_closure(modules_dir: Path, wanted: tuple[str, ...] = MODULES) -> list[Path]:
+def module_closure(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
     """Module files for `wanted` and their dependencies, dependencies first; absent modules are skipped."""
     deps: dict[str, list[str]] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
@@ -241,11 +238,15 @@ def build_initramfs(kernel: Kernel, agent_path: Path, busybox: Path) -> bytes:
     cpio.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
     cpio.add("init", stat.S_IFREG | 0o755, agent_path.read_bytes())
     cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
-    order = []
-    for path in module_closure(kernel.modules):
-        name = f"lib/modules/{_module_name(path.name)}.ko"
-        cpio.add(name, stat.S_IFREG | 0o644, _read_module(path))
-        order.append(name)
+    order, seen = [], set()
+    for group, wanted in MODULE_GROUPS.items():
+        for path in module_closure(kernel.modules, wanted):
+            if path in seen:
+                continue
+            seen.add(path)
+            name = f"lib/modules/{_module_name(path.name)}.ko"
+            cpio.add(name, stat.S_IFREG | 0o644, _read_module(path))
+            order.append(name if group == "core" else f"{name} {group}")
     cpio.add("modules.order", stat.S_IFREG | 0o644, ("\n".join(order) + "\n").encode())
     return cpio.finish()
 

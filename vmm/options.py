@@ -18,20 +18,24 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class Volume:
-    """A host directory shared into the box through virtiofs."""
+    """A host directory shared into the box through virtiofs.
+
+    mode: "ro" read-only; "rw" the box writes to the host directory; "cow" the box may write, but its
+    writes stay in the box (an overlay on the read-only share) and never reach the host.
+    """
 
     host: str
     guest: str
-    mode: Literal["ro", "rw"] = "ro"
+    mode: Literal["ro", "rw", "cow"] = "ro"
 
     @classmethod
     def parse(cls, spec: "Volume | str | tuple | list") -> "Volume":
-        """Accept a Volume, `HOST:GUEST[:ro|rw]`, or a (host, guest[, mode]) sequence."""
+        """Accept a Volume, `HOST:GUEST[:ro|rw|cow]`, or a (host, guest[, mode]) sequence."""
         if isinstance(spec, Volume):
             return spec
         parts = spec.split(":") if isinstance(spec, str) else list(spec)
         if len(parts) not in (2, 3):
-            raise ConfigError(f"volume {spec!r}: write it as HOST:GUEST or HOST:GUEST:ro|rw")
+            raise ConfigError(f"volume {spec!r}: write it as HOST:GUEST or HOST:GUEST:ro|rw|cow")
         return cls(*parts)
 
 
@@ -99,8 +103,8 @@ class BoxOptions:
             raise ConfigError(f"working_dir={self.working_dir!r} must be an absolute path in the box")
         guests = set()
         for vol in volumes:
-            if vol.mode not in ("ro", "rw"):
-                raise ConfigError(f"volume {vol.host}:{vol.guest}: mode must be 'ro' or 'rw', not {vol.mode!r}")
+            if vol.mode not in ("ro", "rw", "cow"):
+                raise ConfigError(f"volume {vol.host}:{vol.guest}: mode must be 'ro', 'rw' or 'cow', not {vol.mode!r}")
             if not Path(vol.host).is_dir():
                 raise ConfigError(f"volume {vol.host}:{vol.guest}: {vol.host} is not a directory on the host")
             if not vol.guest.startswith("/") or vol.guest == "/" or ".." in vol.guest.split("/"):

@@ -81,7 +81,8 @@ class QemuEngine(Engine):
             args += ["-accel", "tcg", "-cpu", "max"]
         args += ["-global", "virtio-mmio.force-legacy=false"]
         args += ["-kernel", str(spec.vmlinux), "-initrd", str(spec.initramfs)]
-        cmdline = [CMDLINE, *spec.cmdline_extra]
+        groups = [g for g, wanted in (("net", spec.network), ("fs", spec.shares)) if wanted]
+        cmdline = [CMDLINE, *spec.cmdline_extra, f"boxlite.modules={','.join(groups) or 'none'}"]
         if self.accel == "tcg":
             # Under TCG the guest TSC is the host's, and calibrating it against the emulated PIT fails
             # on some hosts (the boot then hangs waiting for timer ticks): tell the guest its frequency.
