@@ -77,8 +77,9 @@ class QemuEngine(Engine):
         if self.accel == "kvm":
             args += ["-accel", "kvm", "-cpu", "host"]
         else:
-            # -cpu max has RDRAND under TCG, which seeds the guest RNG at boot.
-            args += ["-accel", "tcg", "-cpu", "max"]
+            # -cpu max has RDRAND under TCG, which seeds the guest RNG at boot. A 64 MiB translation cache
+            # (default 1 GiB) saves ~25 MB RSS per box at no measured cost; 32 MiB slowed guest Python 25%.
+            args += ["-accel", "tcg,tb-size=64", "-cpu", "max"]
         args += ["-global", "virtio-mmio.force-legacy=false"]
         args += ["-kernel", str(spec.vmlinux), "-initrd", str(spec.initramfs)]
         groups = [g for g, wanted in (("net", spec.network), ("fs", spec.shares)) if wanted]
