@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .. import process
+from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
 from .base import VM, Engine, LaunchSpec, Share
 
@@ -66,7 +67,7 @@ class QemuEngine(Engine):
     def describe(self) -> str:
         return f"qemu ({'KVM' if self.accel == 'kvm' else 'TCG, software emulation'})"
 
-    def argv(self, spec: LaunchSpec, channel_fd: int, share_sockets: list[Path]) -> list[str]:
+    def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path]) -> list[str]:
         machine = "microvm,x-option-roms=off,isa-serial=on"
         args = [self.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
         if spec.shares:
@@ -91,7 +92,7 @@ class QemuEngine(Engine):
             if khz:
                 cmdline.append(f"tsc_early_khz={khz}")
         args += ["-append", " ".join(cmdline)]
-        args += ["-chardev", f"file,id=con,path={spec.console_log}", "-serial", "chardev:con"]
+        args += ["-chardev", f"socket,id=con,fd={console_fd}", "-serial", "chardev:con"]
         args += ["-chardev", f"socket,id=ch0,fd={channel_fd}"]
         args += ["-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=boxlite.0"]
         for i, disk in enumerate(spec.disks):
@@ -110,7 +111,7 @@ class QemuEngine(Engine):
 
     def launch(self, spec: LaunchSpec) -> VM:
         spec.box_dir.mkdir(parents=True, exist_ok=True)
-        spec.console_log.write_bytes(b"")
+        console = ConsoleLog(spec.console_log)
         helpers: list[subprocess.Popen] = []
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -121,11 +122,11 @@ class QemuEngine(Engine):
                 sockets.append(sock)
             for sock, helper in zip(sockets, helpers):
                 _wait_for_socket(sock, helper)
-            argv = self.argv(spec, guest_end.fileno(), sockets)
+            argv = self.argv(spec, guest_end.fileno(), console.guest_end.fileno(), sockets)
             log.debug("starting %s", " ".join(argv))
             proc = process.spawn(
                 argv,
-                pass_fds=(guest_end.fileno(),),
+                pass_fds=(guest_end.fileno(), console.guest_end.fileno()),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=open(spec.box_dir / "qemu.log", "wb"),
@@ -138,7 +139,8 @@ class QemuEngine(Engine):
             raise
         finally:
             guest_end.close()
-        return QemuVM(proc, helpers, host_end, spec)
+            console.close_guest_end()
+        return QemuVM(proc, helpers, host_end, console, spec)
 
 
 def _start_virtiofsd(share: Share, sock: Path) -> subprocess.Popen:
@@ -183,10 +185,11 @@ def _wait_for_socket(path: Path, helper: subprocess.Popen, timeout: float = 10.0
 
 class QemuVM(VM):
     def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
-                 spec: LaunchSpec) -> None:
+                 console: ConsoleLog, spec: LaunchSpec) -> None:
         self.proc = proc
         self.helpers = helpers
         self.channel = channel
+        self.console = console
         self.pid = proc.pid
         self.spec = spec
 
@@ -212,8 +215,10 @@ class QemuVM(VM):
             self.proc.kill()
 
     def console_tail(self, lines: int = 30) -> str:
-        text = _tail(self.spec.console_log, lines)
-        qemu_log = _tail(self.spec.box_dir / "qemu.log", 5)
+        if self.proc.poll() is not None:
+            self.console.join()  # the panic message may still be on its way
+        text = self.console.tail(lines)
+        qemu_log = tail(5, self.spec.box_dir / "qemu.log")
         return text + (f"\n[qemu] {qemu_log}" if qemu_log else "")
 
     def rss_bytes(self) -> int:
@@ -227,15 +232,3 @@ class QemuVM(VM):
                 pass
         return total
 
-
-def _tail(path: Path, lines: int, limit: int = 65536) -> str:
-    """The last `lines` lines of a file the guest writes to, reading at most `limit` bytes."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            data = f.read(limit)
-    except OSError:
-        return ""
-    text = data.decode("utf-8", errors="replace").replace("\r", "")
-    return "\n".join(text.strip().splitlines()[-lines:])
