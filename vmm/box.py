@@ -174,7 +174,8 @@ class Box:
         kind, payload = channel.control(watchdog)
         if kind != T.HELLO:
             raise GuestProtocolError(f"box {self.id}: the agent began with {kind.name}, not HELLO")
-        items: list[tuple[str, bytes | str | int]] = [("r", ROOT_SERIAL), ("w", UPPER_SERIAL if self.persistent else "tmpfs")]
+        upper = vm.disk_serial(UPPER_SERIAL) if self.persistent else "tmpfs"
+        items: list[tuple[str, bytes | str | int]] = [("r", vm.disk_serial(ROOT_SERIAL)), ("w", upper)]
         for i, vol in enumerate(self.options.volumes):
             items.append(("v", f"vol{i}\0{vol.guest}\0{vol.mode}"))
         if self.options.network:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno as _errno
+import os
+
 
 class BoxliteError(Exception):
     """Base of every error the runtime raises on purpose."""
@@ -27,6 +30,17 @@ class BoxError(BoxliteError):
             message = f"{message}\n--- last lines of the box console ---\n{console_tail}"
         super().__init__(message)
         self.console_tail = console_tail
+
+
+class LibkrunError(BoxError):
+    """A libkrun call returned a negative errno: names the call and the error."""
+
+    def __init__(self, call: str, errno_value: int, detail: str = "") -> None:
+        name = _errno.errorcode.get(errno_value, f"errno {errno_value}")
+        message = f"libkrun: {call} failed: {name} ({os.strerror(errno_value)})"
+        super().__init__(message + (f"; {detail}" if detail else ""))
+        self.call = call
+        self.errno = errno_value
 
 
 class GuestProtocolError(BoxError):
@@ -55,3 +69,39 @@ class ExecTimeout(ExecError, TimeoutError):
 
 class OutputLimitExceeded(ExecError):
     """A command produced more output than the host agreed to hold in memory."""
+
+
+class InvalidReference(ImageError, ValueError):
+    """An image reference that cannot be parsed; raised before any work is done."""
+
+
+class ImageNotFound(ImageError):
+    """The registry (or local layout/archive) has no such image, tag or blob (HTTP 404)."""
+
+
+class RegistryAuthError(ImageError):
+    """The registry refused our credentials, or asked for some we do not have (HTTP 401/403)."""
+
+
+class RegistryUnreachable(ImageError):
+    """The registry could not be reached (DNS, refused connection, TLS, repeated 5xx or resets)."""
+
+
+class DigestMismatch(ImageError):
+    """Downloaded or imported content does not hash to the digest that names it."""
+
+
+class PlatformNotFound(ImageError):
+    """A multi-platform image has no variant for this host (linux/amd64)."""
+
+
+class UnsafeLayer(ImageError):
+    """A layer tries to write outside the root filesystem (`..`, absolute paths, links pointing out)."""
+
+
+class UnsupportedImage(ImageError):
+    """An image format or layer compression this runtime cannot read (schema 1 manifests, zstd, ...)."""
+
+
+class TruncatedBlob(ImageError):
+    """A blob download kept ending before its declared size; the partial file is kept for a resume."""

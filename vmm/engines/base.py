@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import process
 from ..options import Port
 
 
@@ -75,6 +77,11 @@ class VM(abc.ABC):
     def rss_bytes(self) -> int:
         """Host memory held by the VM's processes."""
 
+    def disk_serial(self, serial: str) -> str:
+        """The virtio-blk serial the guest sees for the disk launched with `serial` (the agent finds disks
+        by serial). Engines that cannot set serials (libkrun derives them from the file) override this."""
+        return serial
+
 
 class Engine(abc.ABC):
     name: str  # "qemu-tcg", "qemu-kvm", "libkrun"
@@ -85,3 +92,47 @@ class Engine(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+class ProcessVM(VM):
+    """A VM that is one host process plus helper processes (passt, virtiofsd): their common lifecycle."""
+
+    def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
+                 spec: LaunchSpec) -> None:
+        self.proc = proc
+        self.helpers = helpers
+        self.channel = channel
+        self.pid = proc.pid
+        self.spec = spec
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        for proc in (self.proc, *self.helpers):
+            if proc.poll() is None:
+                proc.kill()
+        for proc in (self.proc, *self.helpers):
+            process.reap(proc)
+        self.channel.close()
+
+    def kill_async(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for proc in (self.proc, *self.helpers):
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import process
 from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
-from .base import VM, Engine, LaunchSpec, Share
+from .base import Engine, LaunchSpec, ProcessVM, Share
 
 log = logging.getLogger(__name__)
 
@@ -183,36 +183,11 @@ def _wait_for_socket(path: Path, helper: subprocess.Popen, timeout: float = 10.0
         time.sleep(0.005)
 
 
-class QemuVM(VM):
+class QemuVM(ProcessVM):
     def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
                  console: ConsoleLog, spec: LaunchSpec) -> None:
-        self.proc = proc
-        self.helpers = helpers
-        self.channel = channel
+        super().__init__(proc, helpers, channel, spec)
         self.console = console
-        self.pid = proc.pid
-        self.spec = spec
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        for proc in (self.proc, *self.helpers):
-            if proc.poll() is None:
-                proc.kill()
-        for proc in (self.proc, *self.helpers):
-            process.reap(proc)
-        self.channel.close()
-
-    def kill_async(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
 
     def console_tail(self, lines: int = 30) -> str:
         if self.proc.poll() is not None:
@@ -220,15 +195,3 @@ class QemuVM(VM):
         text = self.console.tail(lines)
         qemu_log = tail(5, self.spec.box_dir / "qemu.log")
         return text + (f"\n[qemu] {qemu_log}" if qemu_log else "")
-
-    def rss_bytes(self) -> int:
-        total = 0
-        for proc in (self.proc, *self.helpers):
-            try:
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
-
