@@ -348,6 +348,14 @@ def test_kernel_without_cmdline_mmio_devices_is_refused(tmp_path, monkeypatch):
     libkrun._check_kernel_config(spec, boot=tmp_path)
 
 
+def test_auto_skips_libkrun_for_a_kernel_it_cannot_boot(krun_double, monkeypatch):
+    monkeypatch.setattr(engines, "hardware_virtualization", lambda: (True, "hardware KVM (test)"))
+    monkeypatch.setattr(libkrun, "kernel_problem", lambda release, boot=None: f"{release} lacks it (test)")
+    assert engines.select("auto", "6.1.0-test").name.startswith("qemu")
+    with pytest.raises(EngineUnavailable, match="6.1.0-test lacks it"):
+        engines.select("libkrun", "6.1.0-test")
+
+
 # -- selection ---------------------------------------------------------------------------------------
 
 def test_select_libkrun_where_it_is_not_installed_names_the_fix(monkeypatch, tmp_path):

@@ -112,7 +112,7 @@ class Box:
                 return self
             if self.status == "removed":
                 raise BoxError(f"box {self.id} was removed; create a new one")
-            engine = engines.select(self.options.engine)
+            engine = engines.select(self.options.engine, self._runtime.kernel.release)
             boot = kernel.boot_files(self._runtime.home.kernels, self._runtime.kernel)
             spec = self._launch_spec(boot)
             started = time.monotonic()

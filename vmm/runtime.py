@@ -64,8 +64,7 @@ class Runtime:
         if overrides and options is not None:
             options = BoxOptions.from_dict({**options.to_dict(), **overrides})
         options = options.validated()
-        engines.select(options.engine)
-        self.kernel  # noqa: B018 - found now so that a missing kernel fails before any work
+        engines.select(options.engine, self.kernel.release)  # a missing engine or kernel fails before any work
         image = resolve_image(options.image, self.home.root, progress=self.progress)
         box_id = uuid.uuid4().hex
         box = Box(self, box_id, options, image, created=time.time())

@@ -105,17 +105,23 @@ def report() -> list[EngineStatus]:
     return statuses
 
 
-def select(name: str = "auto") -> Engine:
+def select(name: str = "auto", kernel_release: str | None = None) -> Engine:
     """The engine for `name` ("auto", "qemu", "qemu-kvm", "qemu-tcg", "libkrun"), or EngineUnavailable.
 
-    `auto` prefers libkrun (where it loads and hardware virtualization works), then qemu+KVM, then qemu+TCG.
+    `auto` prefers libkrun (where it loads, hardware virtualization works and it can boot the guest kernel
+    `kernel_release`), then qemu+KVM, then qemu+TCG.
     """
     from .qemu import QemuEngine, find_qemu
 
     if name in ("auto", "libkrun"):
         from .libkrun import LibkrunEngine
 
+        from .libkrun import kernel_problem
+
         status, lib = libkrun_status()
+        problem = kernel_problem(kernel_release) if status.usable and kernel_release else None
+        if problem:  # `auto` then goes on to qemu; asking for libkrun by name gets the reason
+            status = EngineStatus("libkrun", False, problem)
         if status.usable:
             return LibkrunEngine(lib)
         if name == "libkrun":

@@ -87,24 +87,33 @@ def check_spec(spec: LaunchSpec, lib: ffi.Libkrun | None) -> None:
 
 
 def _check_kernel_config(spec: LaunchSpec, boot: Path = Path("/boot")) -> None:
-    """On x86_64 libkrun announces its virtio-mmio devices on the kernel command line (virtio_mmio.device=),
+    release = spec.vmlinux.parent.name.rsplit("-", 1)[0]  # kernels/<release>-<key>/vmlinux (vmm.kernel)
+    problem = kernel_problem(release, boot)
+    if problem:
+        raise EngineUnavailable(problem)
+
+
+def kernel_problem(release: str, boot: Path = Path("/boot")) -> str | None:
+    """Why libkrun cannot boot this kernel, or None.
+
+    On x86_64 libkrun announces its virtio-mmio devices on the kernel command line (virtio_mmio.device=),
     which only kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES understand (Debian's cloud kernel is
     not); without it the guest finds no disk and no channel. The config is checked where the host has it."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return  # aarch64 describes devices in the device tree
-    release = spec.vmlinux.parent.name.rsplit("-", 1)[0]  # kernels/<release>-<key>/vmlinux (vmm.kernel)
+        return None  # aarch64 describes devices in the device tree
     config = boot / f"config-{release}"
     try:
         text = config.read_text(errors="replace")
     except OSError:
         log.debug("no %s: cannot check CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", config)
-        return
+        return None
     if "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y" not in text:
-        raise EngineUnavailable(
+        return (
             f"the guest kernel {release} lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, which libkrun needs on x86_64 "
             "to announce its devices: set BOXLITE_KERNEL to a kernel built with it (Fedora's kernels are), "
             "or use engine='qemu'"
         )
+    return None
 
 
 def plan(spec: LaunchSpec, channel_path: Path, net_fd: int | None, log_level: int, port: int = VSOCK_PORT) -> Plan:
