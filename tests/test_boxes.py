@@ -123,6 +123,8 @@ def test_guest_panic_is_an_error_with_the_console_tail(runtime):
         assert box.info().status == "crashed"
         with pytest.raises(BoxError):
             box.exec("true")
+        box.start()  # a crashed box boots again
+        assert box.exec("echo", "back").stdout == b"back\n"
 
 
 def test_bad_options_fail_before_any_vm(runtime, tmp_path):

@@ -112,6 +112,9 @@ class Box:
                 return self
             if self.status == "removed":
                 raise BoxError(f"box {self.id} was removed; create a new one")
+            if self._vm is not None:  # restarting after a crash: release what the dead VM left
+                self._teardown(self._vm, self._channel)
+                self._vm = self._channel = None
             engine = engines.select(self.options.engine, self._runtime.kernel.release)
             boot = kernel.boot_files(self._runtime.home.kernels, self._runtime.kernel)
             spec = self._launch_spec(boot)
