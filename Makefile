@@ -35,6 +35,8 @@ bench: setup
 	$(PY) bench/boot.py
 	$(PY) bench/exec_roundtrip.py
 	$(PY) bench/idle_rss.py
+	$(PY) bench/pull.py
+	$(PY) bench/cached_create.py
 
 clean:
 	$(MAKE) -C guest clean

@@ -40,3 +40,7 @@ def child_env(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+# A loopback OCI registry (Debian's docker-registry) with an auth front, for the image tests.
+from tests.oci_registry import oci_env  # noqa: E402,F401

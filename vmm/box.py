@@ -60,6 +60,7 @@ class BoxMetrics:
     processes: int
     exec_count: int
     host_rss_bytes: int  # what the VM's host processes hold
+    host_pss_bytes: int  # the same, with pages shared between VMs (kernel image, code) split among them
 
 
 class Box:
@@ -327,6 +328,7 @@ class Box:
             memory_total_kib=total, memory_used_kib=max(0, total - number("f")),
             cpu_time_s=number("u") / 100, uptime_s=number("t") / 100, processes=number("n"),
             exec_count=self.exec_count, host_rss_bytes=self._vm.rss_bytes() if self._vm else 0,
+            host_pss_bytes=self._vm.pss_bytes() if self._vm else 0,
         )
 
     def ping(self, data: bytes = b"") -> bytes:

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import engines, kernel
 from .box import Box, BoxInfo
@@ -37,8 +37,12 @@ class Runtime:
     """Boxes under one runtime home. `with Runtime() as rt:` stops every box it started at the end."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *, kernel_image: str | None = None,
-                 kernel_modules: str | None = None, progress: Callable[[str], None] | None = None) -> None:
+                 kernel_modules: str | None = None, progress: Callable[[str], None] | None = None,
+                 insecure_registries: Iterable[str] = ()) -> None:
+        """`insecure_registries`: registries (host[:port]) that may be reached over plain http, besides
+        loopback ones and `$BOXLITE_INSECURE_REGISTRIES`."""
         self.home = Home(home)
+        self.insecure_registries = tuple(insecure_registries)
         self._kernel_args = (kernel_image, kernel_modules)
         self._kernel: kernel.Kernel | None = None
         self.progress = progress
@@ -65,7 +69,8 @@ class Runtime:
             options = BoxOptions.from_dict({**options.to_dict(), **overrides})
         options = options.validated()
         engines.select(options.engine, self.kernel.release)  # a missing engine or kernel fails before any work
-        image = resolve_image(options.image, self.home.root, progress=self.progress)
+        image = resolve_image(options.image, self.home.root, progress=self.progress,
+                              insecure_registries=self.insecure_registries)
         box_id = uuid.uuid4().hex
         box = Box(self, box_id, options, image, created=time.time())
         box._save()

@@ -77,6 +77,10 @@ class VM(abc.ABC):
     def rss_bytes(self) -> int:
         """Host memory held by the VM's processes."""
 
+    @abc.abstractmethod
+    def pss_bytes(self) -> int:
+        """The VM's processes' proportional share of host memory (pages shared with other VMs split)."""
+
     def disk_serial(self, serial: str) -> str:
         """The virtio-blk serial the guest sees for the disk launched with `serial` (the agent finds disks
         by serial). Engines that cannot set serials (libkrun derives them from the file) override this."""
@@ -127,11 +131,17 @@ class ProcessVM(VM):
             self.proc.kill()
 
     def rss_bytes(self) -> int:
+        return self._sum_field("status", "VmRSS:")
+
+    def pss_bytes(self) -> int:
+        return self._sum_field("smaps_rollup", "Pss:")
+
+    def _sum_field(self, proc_file: str, field: str) -> int:
         total = 0
         for proc in (self.proc, *self.helpers):
             try:
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                for line in Path(f"/proc/{proc.pid}/{proc_file}").read_text().splitlines():
+                    if line.startswith(field):
                         total += int(line.split()[1]) * 1024
             except OSError:
                 pass

@@ -1,18 +1,21 @@
 """Images: turn what the user wrote (`image=`) into a read-only ext4 base every box can share.
 
-Supported now: the embedded default image (`None` / "default") and root filesystem directories
-(`dir:PATH`). OCI references, layouts and archives come with the images issue.
+Forms: the embedded default image (`None` / "default"), root filesystem directories (`dir:PATH`),
+registry references (`alpine`, `ghcr.io/org/img:tag`, `host:5000/x@sha256:...`), OCI layouts
+(`oci:PATH[:TAG]`) and archives (`docker-archive:PATH`). The `host` image is not supported yet.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 from vmm.errors import ImageError
 from vmm.images.ext4 import build_ext4_base, is_valid_base
+from vmm.images.model import DEFAULT_PATH, ImageConfig, ResolvedImage, base_path
 from vmm.images.rootfs import DIR_PREFIX, fingerprint, parse_dir_spec, validate_rootfs
 
 log = logging.getLogger(__name__)
@@ -26,48 +29,33 @@ __all__ = [
     "resolve_image",
 ]
 
-DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUPPORTED_FORMS = (
     "'default' (or no image): a Debian root filesystem with python3, built from the host's apt sources",
     "'dir:/path/to/rootfs': an unpacked root filesystem directory",
+    "a registry reference: 'alpine', 'python:3.12-slim', 'ghcr.io/org/img:tag', 'host:5000/x@sha256:<hex>'",
+    "'oci:/path/to/layout[:tag]': an OCI image layout directory",
+    "'docker-archive:/path/to/image.tar': a `docker save` tar or an OCI layout in a tar",
 )
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """Defaults a box takes from its image (an OCI image config will feed the same fields)."""
-
-    env: tuple[str, ...] = (DEFAULT_PATH,)
-    working_dir: str = "/"
-    user: str = "root"
-    cmd: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    ref: str  # what the user wrote, normalised ("default", "dir:/abs/path")
-    digest: str  # "sha256:..." identity of the content (for dir: a fingerprint of the tree)
-    base: Path  # the ext4 base file, read-only, shared by all boxes
-    config: ImageConfig
-
 
 DEFAULT_CONFIG = ImageConfig(env=(DEFAULT_PATH, "LANG=C.UTF-8"))
 
 
-def base_path(home: Path, digest: str) -> Path:
-    """Where the ext4 base of the image with this digest is cached."""
-    algo, _, hexdigest = digest.partition(":")
-    if algo != "sha256" or len(hexdigest) != 64:
-        raise ImageError(f"invalid image digest {digest!r} (expected sha256:<64 hex digits>)")
-    return Path(home) / "images" / "bases" / f"{hexdigest}.ext4"
-
-
 def resolve_image(
-    spec: str | None, home: Path, progress: Callable[[str], None] | None = None
+    spec: str | None, home: Path, progress: Callable[[str], None] | None = None,
+    insecure_registries: Iterable[str] | str | None = None,
 ) -> ResolvedImage:
-    """Resolve an image spec to a ready ext4 base, building the image and its base if needed."""
+    """Resolve an image spec to a ready ext4 base, pulling/building the image and its base if needed.
+
+    `insecure_registries` (plus `$BOXLITE_INSECURE_REGISTRIES`) names registries that may be reached
+    over plain http; loopback registries always may.
+    """
     home = Path(home)
     text = (spec or "").strip()
+    if text == "host":
+        raise ImageError(
+            "image 'host' (the host's own root over virtiofs) is not supported yet. Supported now:\n  "
+            + "\n  ".join(SUPPORTED_FORMS)
+        )
     if text in ("", "default"):
         from vmm.images.default import ensure_default_image
 
@@ -77,13 +65,28 @@ def resolve_image(
         rootfs = validate_rootfs(parse_dir_spec(text))
         ref, digest, config = f"{DIR_PREFIX}{rootfs}", fingerprint(rootfs), ImageConfig()
     else:
-        raise ImageError(
-            f"image {text!r}: this kind of image is not supported yet (OCI references, oci: layouts and "
-            "docker-archive: tars come with the images issue). Supported now:\n  "
-            + "\n  ".join(SUPPORTED_FORMS)
-        )
+        from vmm.images import reference
+        from vmm.images.pull import resolve_oci
+
+        parsed = reference.parse(text)  # malformed references fail here, before any work
+        return resolve_oci(parsed, home, progress, insecure_registries)
     base = base_path(home, digest)
     if not is_valid_base(base):
         build_ext4_base(rootfs, base, progress)
+    _record_local(home, ref, digest, config)
     log.debug("image %s -> %s (%s)", ref, base, digest)
     return ResolvedImage(ref=ref, digest=digest, base=base, config=config)
+
+
+def _record_local(home: Path, ref: str, digest: str, config: ImageConfig) -> None:
+    """List default and dir: bases in the index too, so `boxlite images ls/rm/prune` see them
+    (and prune does not take a base in use for unreferenced)."""
+    from vmm.images.store import ImageIndex, IndexEntry
+
+    index = ImageIndex(home / "images")
+    entry = index.get(ref)
+    if entry and entry.image_id == digest:
+        index.touch(entry)
+        return
+    now = time.time()
+    index.put(IndexEntry(ref=ref, digest=digest, image_id=digest, config=asdict(config), pulled=now, last_used=now))

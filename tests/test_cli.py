@@ -1,0 +1,84 @@
+"""The `boxlite` console script, run as a subprocess against a fresh runtime home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.oci_registry import OciEnv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def boxlite(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, BOXLITE_HOME=str(home), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_images_pull_ls_rm_prune(oci_env: OciEnv, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ref = f"{oci_env.front.host}/test/busybox:v1"
+    quiet = boxlite(home, "images", "pull", ref)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.startswith(ref) and "digest:   sha256:" in quiet.stdout
+    assert " / " not in quiet.stdout  # not a terminal: no progress
+
+    loud = boxlite(home, "images", "pull", "--progress", f"{oci_env.front.host}/test/two:v2")
+    assert loud.returncode == 0, loud.stderr
+    assert "1.0 MB / 1.0 MB" in loud.stdout  # bytes/total per layer (\r reads as \n here)
+    assert "building ext4 base" in loud.stdout
+
+    local = boxlite(home, "images", "pull", f"oci:{oci_env.busybox_layout}:v1")
+    assert local.returncode == 0, local.stderr
+
+    ls = boxlite(home, "images", "ls")
+    assert ls.returncode == 0
+    header, *rows = ls.stdout.splitlines()
+    assert header.split() == ["REF", "DIGEST", "SIZE", "LAST", "USED"]
+    assert len(rows) == 3 and any(r.startswith(ref) for r in rows)
+    assert all("just now" in r for r in rows)
+
+    bases = home / "images" / "bases"
+    rm = boxlite(home, "images", "rm", f"{oci_env.front.host}/test/two:v2")
+    assert rm.returncode == 0, rm.stderr
+    assert "removed" in rm.stdout and "freed" in rm.stdout
+    assert len(list(bases.glob("*.ext4"))) == 1  # busybox's base is shared by the registry and oci: refs
+
+    missing = boxlite(home, "images", "rm", "nothing-here")
+    assert missing.returncode == 1 and "no image 'nothing-here'" in missing.stderr
+
+    keep = boxlite(home, "images", "prune", "--older-than", "1")
+    assert keep.returncode == 0 and "removed" not in keep.stdout
+    assert len(list(bases.glob("*.ext4"))) == 1
+    gone = boxlite(home, "images", "prune", "--max-size", "0")
+    assert gone.returncode == 0 and gone.stdout.count("removed") == 2
+    assert not list(bases.glob("*.ext4")) and not list((home / "images" / "blobs" / "sha256").iterdir())
+    assert boxlite(home, "images", "ls").stdout.splitlines()[1:] == []
+
+
+def test_pull_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
+    bad = boxlite(tmp_path, "images", "pull", "Not A Ref")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: invalid image reference")
+    assert not (tmp_path / "images" / "blobs").exists()
+
+
+def test_doctor(tmp_path: Path) -> None:
+    result = boxlite(tmp_path, "doctor")
+    lines = result.stdout.splitlines()
+    names = [line.split()[1] for line in lines if line[:4] in ("OK  ", "WARN", "FAIL")]
+    assert names == ["KVM", "engine", "qemu", "kernel", "virtiofsd", "busybox", "mkfs.ext4", "cache"], result.stderr
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert result.returncode == (1 if failed else 0), result.stdout
+    if failed:  # every failure says how to fix it
+        assert "fix:" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(REPO / ".venv" / "bin" / "boxlite"), reason="console script not installed")
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "boxlite"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "images" in result.stdout and "doctor" in result.stdout

@@ -1,0 +1,313 @@
+"""The `boxlite` command: manage the image cache and check the host.
+
+    boxlite images pull REF [--progress] [--insecure-registry HOST]
+    boxlite images ls
+    boxlite images rm REF...
+    boxlite images prune [--older-than DAYS] [--max-size GB]
+    boxlite doctor
+
+This module prints; the library it calls only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmm.errors import BoxliteError
+from vmm.home import Home
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def ago(ts: float) -> str:
+    if not ts:
+        return "never"
+    s = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return "just now"
+
+
+class LayerProgress:
+    """One line per layer, rewritten in place: `<digest>  12.3 MB / 45.6 MB`."""
+
+    def __init__(self, stream=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+        self.stream = stream
+        self.current = ""
+        self.last = 0.0
+
+    def bytes(self, layer: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if layer != self.current:
+            if self.current:
+                self.stream.write("\n")
+            self.current = layer
+        elif now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        self.stream.write(f"\r{layer}  {human(done)} / {human(total)}")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if text.startswith("pulling "):  # the byte counter says that
+            return
+        if self.current:
+            self.stream.write("\n")
+            self.current = ""
+        print(text, file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------- images
+
+
+def cmd_pull(args: argparse.Namespace, home: Home) -> int:
+    from vmm.images import reference
+    from vmm.images.pull import import_local, pull
+
+    ref = reference.parse(args.ref)
+    show = args.progress or sys.stdout.isatty()
+    bar = LayerProgress() if show else None
+    started = time.monotonic()
+    if isinstance(ref, reference.RegistryRef):
+        entry = pull(ref, home.root, insecure=args.insecure_registry,
+                     progress=bar.message if bar else None, on_bytes=bar.bytes if bar else None)
+    else:
+        entry = import_local(ref, home.root, progress=bar.message if bar else None)
+    if bar and bar.current:
+        print()
+    print(f"{entry.ref}\n  digest:   {entry.digest}\n  image id: {entry.image_id}\n"
+          f"  ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def _entry_size(home: Home, entry) -> int:  # type: ignore[no-untyped-def]
+    from vmm.images import base_path
+    from vmm.images.store import BlobStore, disk_usage
+
+    store = BlobStore(home.images)
+    return disk_usage(base_path(home.root, entry.image_id)) + sum(disk_usage(store.path(b)) for b in entry.blobs)
+
+
+def cmd_ls(args: argparse.Namespace, home: Home) -> int:
+    from vmm.images.store import ImageIndex
+
+    entries = sorted(ImageIndex(home.images).entries().values(), key=lambda e: e.last_used, reverse=True)
+    rows = [("REF", "DIGEST", "SIZE", "LAST USED")]
+    for e in entries:
+        rows.append((e.ref, e.digest.split(":")[-1][:12], human(_entry_size(home, e)), ago(e.last_used)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _normalise(text: str) -> str:
+    """The index key for what the user typed (`alpine` -> `docker.io/library/alpine:latest`)."""
+    from vmm.images import reference
+    from vmm.images.rootfs import DIR_PREFIX, parse_dir_spec
+
+    if text in ("default", "") or text.startswith("sha256:"):
+        return text or "default"
+    if text.startswith(DIR_PREFIX):
+        return f"{DIR_PREFIX}{parse_dir_spec(text)}"
+    return str(reference.parse(text))
+
+
+def cmd_rm(args: argparse.Namespace, home: Home) -> int:
+    from vmm.images.store import ImageIndex, collect_garbage
+
+    index = ImageIndex(home.images)
+    missing = []
+    for text in args.refs:
+        key = _normalise(text)
+        if index.remove(key) is None:
+            missing.append(text)
+        else:
+            print(f"removed {key}")
+    freed = collect_garbage(home.root)
+    print(f"freed {human(freed)}")
+    for text in missing:
+        print(f"error: no image {text!r} in the cache (`boxlite images ls` lists them)", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def cmd_prune(args: argparse.Namespace, home: Home) -> int:
+    from vmm.images.store import ImageIndex, collect_garbage
+
+    index = ImageIndex(home.images)
+    entries = sorted(index.entries().values(), key=lambda e: e.last_used)  # least recently used first
+    now = time.time()
+    doomed = []
+    if args.older_than is not None:
+        doomed += [e for e in entries if now - e.last_used > args.older_than * 86400]
+    if args.max_size is not None:
+        left = [e for e in entries if e not in doomed]
+        total = sum(_entry_size(home, e) for e in left)
+        for e in left:
+            if total <= args.max_size * 1e9:
+                break
+            doomed.append(e)
+            total -= _entry_size(home, e)
+    for e in doomed:
+        index.remove(e.ref)
+        print(f"removed {e.ref}")
+    freed = collect_garbage(home.root)
+    print(f"freed {human(freed)}")
+    return 0
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warn_only: bool = False  # a slow path, not a failure (no hardware KVM)
+
+    @property
+    def label(self) -> str:
+        return "OK  " if self.ok else "WARN" if self.warn_only else "FAIL"
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.strip().splitlines()[0] if out.strip() else "?"
+
+
+def _check(name: str, probe: Callable[[], str], fix: str = "") -> Check:
+    try:
+        return Check(name, True, probe())
+    except BoxliteError as e:
+        return Check(name, False, str(e).splitlines()[0], fix)
+    except Exception as e:  # noqa: BLE001 - a diagnostic tool reports, it does not crash
+        return Check(name, False, f"{type(e).__name__}: {e}", fix)
+
+
+def doctor_checks(home: Home) -> list[Check]:
+    from vmm import engines, kernel
+    from vmm.engines.qemu import find_qemu, find_virtiofsd
+
+    checks = []
+    kvm = engines.kvm_status()
+    checks.append(Check("KVM", kvm.usable, f"{kvm.kind}: {kvm.reason}",
+                        "" if kvm.usable else "none needed: VMs run under TCG (slower); see docs/engines.md",
+                        warn_only=True))
+    checks.append(_check("engine", lambda: engines.select("auto").describe(), "install qemu: `make setup`"))
+    checks.append(_check("qemu", lambda: f"{find_qemu()} ({_version([find_qemu(), '--version'])})",
+                         "sudo apt-get install qemu-system-x86 (or set BOXLITE_QEMU)"))
+    checks.append(_check("kernel", lambda: str(kernel.find_kernel().image),
+                         "sudo apt-get install linux-image-cloud-amd64 (or set BOXLITE_KERNEL)"))
+    checks.append(_check("virtiofsd", find_virtiofsd,
+                         "Debian 13: sudo apt-get install virtiofsd; Debian 12: it comes with qemu-system-x86"))
+    busybox = shutil.which("busybox") or ("/bin/busybox" if os.path.exists("/bin/busybox") else "")
+    checks.append(Check("busybox", bool(busybox), busybox or "not found", "sudo apt-get install busybox-static"))
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
+    checks.append(Check("mkfs.ext4", bool(mkfs), mkfs or "not found", "sudo apt-get install e2fsprogs"))
+    checks.append(_cache_check(home))
+    return checks
+
+
+def _cache_check(home: Home) -> Check:
+    from vmm.images import base_path
+    from vmm.images.ext4 import is_valid_base
+    from vmm.images.store import ImageIndex
+
+    if not os.access(home.root, os.W_OK):
+        return Check("cache", False, f"{home.root} is not writable", "fix its owner, or set BOXLITE_HOME")
+    entries = ImageIndex(home.images).entries().values()
+    broken = [e.ref for e in entries if not is_valid_base(base_path(home.root, e.image_id))]
+    partial = list((home.images / "blobs" / "partial").glob("*"))
+    free = shutil.disk_usage(home.root).free
+    detail = f"{home.root}: {len(entries)} images, {len(partial)} partial downloads, {human(free)} free"
+    if broken:
+        return Check("cache", False, detail + f"; bases missing or damaged: {', '.join(broken)}",
+                     "they are rebuilt on next use; or `boxlite images rm REF`")
+    if free < 2e9:
+        return Check("cache", False, detail, "free disk space, or `boxlite images prune --max-size 5`")
+    return Check("cache", True, detail)
+
+
+def cmd_doctor(args: argparse.Namespace, home: Home) -> int:
+    checks = doctor_checks(home)
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{c.label}  {c.name.ljust(width)}  {c.detail}")
+        if not c.ok and c.fix:
+            print(f"      {' ' * width}  fix: {c.fix}")
+    # no hardware KVM is a slow path, not a failure: everything else must pass
+    return 0 if all(c.ok or c.warn_only for c in checks) else 1
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="boxlite", description="pytest-boxlite: image cache and host checks")
+    p.add_argument("--home", type=Path, default=None, help="runtime home (default: $BOXLITE_HOME, else "
+                   "$XDG_CACHE_HOME/pytest-boxlite, else ~/.cache/pytest-boxlite)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    sub = p.add_subparsers(dest="command", required=True)
+    images = sub.add_parser("images", help="the image cache").add_subparsers(dest="images_command", required=True)
+    pull = images.add_parser("pull", help="pull an image (or import an oci:/docker-archive: one)")
+    pull.add_argument("ref")
+    pull.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+    pull.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                      help="allow plain http to this registry (also $BOXLITE_INSECURE_REGISTRIES)")
+    pull.set_defaults(func=cmd_pull)
+    images.add_parser("ls", help="list cached images").set_defaults(func=cmd_ls)
+    rm = images.add_parser("rm", help="remove images from the cache")
+    rm.add_argument("refs", nargs="+", metavar="REF")
+    rm.set_defaults(func=cmd_rm)
+    prune = images.add_parser("prune", help="remove unused data, and images by age or total size")
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="remove images unused for DAYS days")
+    prune.add_argument("--max-size", type=float, metavar="GB",
+                       help="remove least recently used images until the cache is under GB gigabytes")
+    prune.set_defaults(func=cmd_prune)
+    sub.add_parser("doctor", help="check that this host can run boxes").set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        home = Home(args.home)
+        return int(args.func(args, home))
+    except BoxliteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the cache is intact and the next pull resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
