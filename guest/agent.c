@@ -540,8 +540,16 @@ static const char *do_setup(const unsigned char *p, size_t len)
 		if (r.key == 'n') net = r.len == 1 && r.v[0] == '1';
 	}
 	if (!root || !root_len) return "setup: no root disk (r)";
-	if ((err = find_disk(root, root_len, dev, sizeof dev))) return err;
-	if ((err = do_mount(dev, "/lower", "ext4", MS_RDONLY, NULL))) return err;
+	if (root_len > 9 && !memcmp(root, "virtiofs:", 9)) { /* the root is a share (the host image) */
+		char tag[64];
+		if (root_len - 9 >= sizeof tag) return "setup: root tag too long";
+		memcpy(tag, root + 9, root_len - 9);
+		tag[root_len - 9] = 0;
+		if ((err = do_mount(tag, "/lower", "virtiofs", MS_RDONLY, NULL))) return err;
+	} else {
+		if ((err = find_disk(root, root_len, dev, sizeof dev))) return err;
+		if ((err = do_mount(dev, "/lower", "ext4", MS_RDONLY, NULL))) return err;
+	}
 	if (!upper || (upper_len == 5 && !memcmp(upper, "tmpfs", 5))) {
 		err = do_mount("tmpfs", "/upperfs", "tmpfs", 0, "mode=0755");
 	} else {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm.errors import BoxliteError, ImageError
+from vmm.errors import ImageError
 from vmm.images import ImageConfig, ResolvedImage, base_path, ext4, resolve_image
 from vmm.images import default as default_mod
 from vmm.images.ext4 import build_ext4_base, is_valid_base
@@ -262,16 +262,6 @@ def test_dir_spec_errors(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="names no directory"):
         resolve_image("dir:", home)
     assert not list(home.glob("images/bases/*.ext4"))  # nothing was built
-
-
-@pytest.mark.parametrize("spec", ["host"])  # OCI forms: tests/test_images_oci.py
-def test_unsupported_spec(spec: str, tmp_path: Path) -> None:
-    with pytest.raises(ImageError) as info:
-        resolve_image(spec, tmp_path / "home")
-    message = str(info.value)
-    assert spec in message and "not supported yet" in message
-    assert "dir:" in message and "default" in message
-    assert isinstance(info.value, BoxliteError)
 
 
 # ---------------------------------------------------------------- default image: helpers

@@ -23,7 +23,7 @@ import pytest
 
 from vmm import engines
 from vmm.engines import krun_launcher, libkrun, libkrun_ffi
-from vmm.engines.base import Disk, LaunchSpec, Share
+from vmm.engines.base import ComposedTree, Disk, LaunchSpec, Share
 from vmm.errors import BoxError, EngineUnavailable, LibkrunError
 from vmm.options import Port
 
@@ -346,6 +346,12 @@ def test_kernel_without_cmdline_mmio_devices_is_refused(tmp_path, monkeypatch):
         libkrun._check_kernel_config(spec, boot=tmp_path)
     config.write_text("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n")
     libkrun._check_kernel_config(spec, boot=tmp_path)
+
+
+def test_the_host_image_is_refused_before_start(krun_double, tmp_path):
+    tree = ComposedTree(binds=("/usr",))
+    with pytest.raises(EngineUnavailable, match="host image is not available on the libkrun engine"):
+        libkrun.check_spec(_spec(tmp_path, shares=(Share("hostroot", tmp_path, True, tree),)), None)
 
 
 def test_auto_skips_libkrun_for_a_kernel_it_cannot_boot(krun_double, monkeypatch):

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ROOT_SERIAL = "boxlite-root"
 UPPER_SERIAL = "boxlite-upper"
+HOST_ROOT_TAG = "hostroot"
 BOOT_WATCHDOGS = (10.0, 20.0, 40.0)  # about 2% of boots hang early (DESIGN.md): retry, each time more patient
 SETUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -144,14 +145,20 @@ class Box:
             return self
 
     def _launch_spec(self, boot: kernel.BootFiles) -> LaunchSpec:
-        disks = [Disk(self.image.base, ROOT_SERIAL, readonly=True)]
+        disks = []
+        # A cow volume is read-only on the host too: the box's writes go to its own overlay.
+        shares = [Share(f"vol{i}", Path(v.host), v.mode != "rw") for i, v in enumerate(self.options.volumes)]
+        if self.image.tree is not None:  # the root is a view of the host, shared read-only
+            view = self._dir / "hostview"
+            view.mkdir(parents=True, exist_ok=True)
+            shares.append(Share(HOST_ROOT_TAG, view, readonly=True, tree=self.image.tree))
+        else:
+            disks.append(Disk(self.image.base, ROOT_SERIAL, readonly=True))
         if self.persistent:
             disks.append(Disk(self._upper_disk(), UPPER_SERIAL, readonly=False, format="qcow2"))
-        # A cow volume is read-only on the host too: the box's writes go to its own overlay.
-        shares = tuple(Share(f"vol{i}", Path(v.host), v.mode != "rw") for i, v in enumerate(self.options.volumes))
         return LaunchSpec(
             box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
-            memory_mib=self.options.memory_mib, disks=tuple(disks), shares=shares,
+            memory_mib=self.options.memory_mib, disks=tuple(disks), shares=tuple(shares),
             network=self.options.network, ports=self.options.ports,
         )
 
@@ -179,7 +186,8 @@ class Box:
         if kind != T.HELLO:
             raise GuestProtocolError(f"box {self.id}: the agent began with {kind.name}, not HELLO")
         upper = vm.disk_serial(UPPER_SERIAL) if self.persistent else "tmpfs"
-        items: list[tuple[str, bytes | str | int]] = [("r", vm.disk_serial(ROOT_SERIAL)), ("w", upper)]
+        root = f"virtiofs:{HOST_ROOT_TAG}" if self.image.tree is not None else vm.disk_serial(ROOT_SERIAL)
+        items: list[tuple[str, bytes | str | int]] = [("r", root), ("w", upper)]
         for i, vol in enumerate(self.options.volumes):
             items.append(("v", f"vol{i}\0{vol.guest}\0{vol.mode}"))
         if self.options.network:

@@ -21,10 +21,27 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class ComposedTree:
+    """A directory tree made on the host for one share, out of chosen host paths only.
+
+    The engine builds it in a private mount namespace of the file server: an empty read-only root, each
+    of `binds` bound read-only at its own path, `symlinks` (path, target) recreated, each of `masks`
+    covered by an empty file or directory, `dirs` created empty (mount points the guest needs).
+    What is not listed is not there: the guest cannot reach it whatever it does with its own kernel.
+    """
+
+    binds: tuple[str, ...]
+    symlinks: tuple[tuple[str, str], ...] = ()
+    masks: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Share:
     tag: str
-    host: Path
+    host: Path  # the shared directory; for a composed tree, an empty directory it is built on
     readonly: bool
+    tree: ComposedTree | None = None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,11 @@ def check_spec(spec: LaunchSpec, lib: ffi.Libkrun | None) -> None:
                 f"port {port.host}:{port.guest}/{port.protocol}: the libkrun engine forwards tcp ports only; "
                 "use engine='qemu' for udp"
             )
+    if any(s.tree is not None for s in spec.shares):
+        raise EngineUnavailable(
+            "the host image is not available on the libkrun engine (its virtiofs server shares one directory "
+            "and cannot build the masked view of the host): use engine='qemu', or another image"
+        )
     if spec.network and platform.system() != "Linux":
         raise EngineUnavailable(
             "network=True on libkrun needs passt, which is Linux-only: use network=False on macOS"

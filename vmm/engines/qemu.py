@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -146,13 +147,20 @@ class QemuEngine(Engine):
 def _start_virtiofsd(share: Share, sock: Path) -> subprocess.Popen:
     binary = find_virtiofsd()
     help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    # A composed view of the host (the host image's root) is read by everything the box runs: let the guest
+    # cache it. Volumes are not cached: the host may change their files while the box runs.
+    cached = share.tree is not None
     if "--shared-dir" in help_text:  # the Rust virtiofsd (Debian 13)
-        argv = [binary, f"--socket-path={sock}", f"--shared-dir={share.host}", "--cache=never"]
+        argv = [binary, f"--socket-path={sock}", f"--shared-dir={share.host}",
+                f"--cache={'always' if cached else 'never'}"]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
     else:  # the C virtiofsd bundled with qemu 7.2
-        argv = [binary, f"--socket-path={sock}", "-o", f"source={share.host}", "-o", "cache=none"]
-    if share.readonly:
+        argv = [binary, f"--socket-path={sock}", "-o", f"source={share.host}",
+                "-o", f"cache={'always' if cached else 'none'}"]
+    if share.tree is not None:
+        argv = _composed_tree_wrapper(share, argv)
+    elif share.readonly:
         argv = _readonly_wrapper(share, argv, help_text)
     log.debug("starting %s", " ".join(argv))
     return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(f"{sock}.log", "wb"))
@@ -170,6 +178,33 @@ def _readonly_wrapper(share: Share, argv: list[str], help_text: str) -> list[str
         f"cannot share {share.host} read-only: this virtiofsd has no --readonly and binding it read-only needs "
         "root; run as root, install a newer virtiofsd, or share the volume read-write"
     )
+
+
+def _composed_tree_wrapper(share: Share, argv: list[str]) -> list[str]:
+    """Build `share.tree` on `share.host` in a private mount namespace that only the file server sees."""
+    tree = share.tree
+    assert tree is not None
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        raise EngineUnavailable(
+            "the host image needs root here: its read-only view of the host is built with bind mounts in a "
+            "private mount namespace; run as root, or use another image"
+        )
+    q = shlex.quote
+    root = str(share.host)
+    lines = ["set -e", f"mount -t tmpfs -o mode=0755 boxlite-view {q(root)}", f"touch {q(root)}/.boxlite-empty"]
+    for path in tree.binds:
+        lines.append(f"mkdir -p {q(root + path)} && mount --bind -o ro {q(path)} {q(root + path)}")
+    for path, target in tree.symlinks:
+        lines.append(f"ln -s {q(target)} {q(root + path)}")
+    for path in tree.dirs:
+        lines.append(f"mkdir -p {q(root + path)}")
+    for path in tree.masks:
+        # An empty read-only tmpfs over a directory, the empty file over a file: nothing to read below.
+        lines.append(f"if [ -d {q(root + path)} ]; then mount -t tmpfs -o ro,mode=0755,size=4k none {q(root + path)}; "
+                     f"elif [ -e {q(root + path)} ]; then mount --bind -o ro {q(root)}/.boxlite-empty {q(root + path)}; fi")
+    lines.append(f"mount -o remount,ro {q(root)}")
+    lines.append('exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh", *argv]
 
 
 def _wait_for_socket(path: Path, helper: subprocess.Popen, timeout: float = 10.0) -> None:

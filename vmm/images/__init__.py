@@ -2,7 +2,8 @@
 
 Forms: the embedded default image (`None` / "default"), root filesystem directories (`dir:PATH`),
 registry references (`alpine`, `ghcr.io/org/img:tag`, `host:5000/x@sha256:...`), OCI layouts
-(`oci:PATH[:TAG]`) and archives (`docker-archive:PATH`). The `host` image is not supported yet.
+(`oci:PATH[:TAG]`) and archives (`docker-archive:PATH`), and `host`: the host's own root, read-only,
+limited to what a test needs (vmm/images/host.py), which has no base: it is shared over virtiofs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SUPPORTED_FORMS = (
     "a registry reference: 'alpine', 'python:3.12-slim', 'ghcr.io/org/img:tag', 'host:5000/x@sha256:<hex>'",
     "'oci:/path/to/layout[:tag]': an OCI image layout directory",
     "'docker-archive:/path/to/image.tar': a `docker save` tar or an OCI layout in a tar",
+    "'host': the host's own root, read-only (system directories and the running interpreter only)",
 )
 
 DEFAULT_CONFIG = ImageConfig(env=(DEFAULT_PATH, "LANG=C.UTF-8"))
@@ -52,10 +54,9 @@ def resolve_image(
     home = Path(home)
     text = (spec or "").strip()
     if text == "host":
-        raise ImageError(
-            "image 'host' (the host's own root over virtiofs) is not supported yet. Supported now:\n  "
-            + "\n  ".join(SUPPORTED_FORMS)
-        )
+        from vmm.images.host import resolve_host
+
+        return resolve_host()
     if text in ("", "default"):
         from vmm.images.default import ensure_default_image
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmm.engines.base import ComposedTree
 from vmm.errors import ImageError
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -26,8 +27,9 @@ class ResolvedImage:
     ref: str  # what the user wrote, normalised ("default", "dir:/abs/path", "docker.io/library/x:tag")
     digest: str  # "sha256:..." identity of the content: the image id (config digest) for OCI images,
     #              a fingerprint of the tree for dir:
-    base: Path  # the ext4 base file, read-only, shared by all boxes
+    base: Path | None  # the ext4 base file, read-only, shared by all boxes (None: `tree` is the root)
     config: ImageConfig
+    tree: ComposedTree | None = None  # the `host` image: a view of the host's own root, shared read-only
 
 
 def base_path(home: Path, digest: str) -> Path:
