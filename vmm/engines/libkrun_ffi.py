@@ -7,6 +7,7 @@ negative errno on failure; `Libkrun.call()` turns that into a LibkrunError namin
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -116,8 +117,18 @@ def _convert(value: Any, kind: Any) -> Any:
 
 def load() -> Libkrun:
     """dlopen libkrun, or EngineUnavailable naming the fix."""
+    found = _load(tuple(library_names()))
+    if isinstance(found, EngineUnavailable):
+        raise found
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _load(names: tuple[str, ...]) -> Libkrun | EngineUnavailable:
+    """Once a process per set of names: a failed dlopen makes cffi run ctypes' find_library, which
+    spawns compilers and linkers (~20 ms), and engine selection runs at every box creation."""
     errors = []
-    for name in library_names():
+    for name in names:
         try:
             lib = ffi.dlopen(name)
         except OSError as exc:
@@ -125,4 +136,4 @@ def load() -> Libkrun:
             continue
         log.debug("loaded libkrun from %s", name)
         return Libkrun(lib, name)
-    raise EngineUnavailable(f"libkrun not installed ({'; '.join(errors)}): {INSTALL_FIX}")
+    return EngineUnavailable(f"libkrun not installed ({'; '.join(errors)}): {INSTALL_FIX}")
