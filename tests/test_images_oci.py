@@ -74,11 +74,6 @@ def test_malformed_references_fail_before_any_work(text: str, tmp_path: Path) ->
     assert not (home / "images" / "blobs").exists()
 
 
-def test_host_image_is_not_supported_yet(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="'host'.*not supported yet"):
-        resolve_image("host", tmp_path)
-
-
 def test_platform_selection_and_config() -> None:
     index = {"manifests": [
         {"digest": "sha256:" + "1" * 64, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
