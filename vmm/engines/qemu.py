@@ -118,7 +118,7 @@ class QemuEngine(Engine):
             args += ["-device", f"vhost-user-fs-device,chardev=fs{i},tag={share.tag}"]
         return args
 
-    def launch(self, spec: LaunchSpec) -> VM:
+    def launch(self, spec: LaunchSpec) -> "QemuVM":
         spec.box_dir.mkdir(parents=True, exist_ok=True)
         console = ConsoleLog(spec.console_log)
         helpers: list[subprocess.Popen] = []
