@@ -25,8 +25,11 @@ agent:
 image: venv
 	$(PY) -m vmm.images.default
 
+# The runtime demo, then the plugin's: examples/ run with every test in a microVM; the host is checked after.
 demo: setup
 	$(PY) examples/demo.py
+	$(PY) -m pytest --boxlite -v -p no:cacheprovider examples/test_examples.py
+	@test -f examples/test_examples.py && test -d /usr/share && echo "host untouched: examples/ and /usr/share still there"
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
@@ -35,6 +38,7 @@ bench: setup
 	$(PY) bench/boot.py
 	$(PY) bench/exec_roundtrip.py
 	$(PY) bench/idle_rss.py
+	$(PY) bench/plugin_suite.py
 	$(PY) bench/pull.py
 	$(PY) bench/cached_create.py
 

@@ -1,0 +1,101 @@
+"""The plugin's overhead on a suite of trivial tests (default 200):
+
+  (a) plain pytest on the host
+  (b) the same suite run by pytest inside one box (boot not counted: `box.exec("python3", "-m", "pytest")`)
+  (c) `pytest --boxlite` with scope="module": one box and one worker for the whole module
+  (d) `pytest --boxlite` with scope="test": a fresh VM (and worker) per test, on the first N tests only
+      (`--fresh N`, default 8: under TCG each costs seconds; the figure is per test either way)
+
+Prints the per-test overhead of (c) over (b) (the relay's cost) and of (d) (what memory snapshots will attack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import runtime
+
+from vmm import BoxOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_suite(directory: Path, tests: int) -> Path:
+    lines = ["import pytest", ""]
+    lines += [f"def test_{i}():\n    assert {i} + 1 == {i + 1}\n" for i in range(tests)]
+    path = directory / "test_trivial.py"
+    path.write_text("\n".join(lines))
+    (directory / "pytest.ini").write_text("[pytest]\n")
+    return path
+
+
+def run_pytest(directory: Path, *args: str) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=directory,
+                          capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"pytest {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    print(f"    {done.stdout.strip().splitlines()[-1]}", flush=True)
+    return elapsed
+
+
+def inside_one_box(directory: Path) -> tuple[float, float]:
+    """(boot seconds, seconds for `python3 -m pytest` in the booted box)."""
+    from pytest_boxlite.relay import site_directories
+
+    paths = site_directories()
+    volumes = [(str(directory), str(directory), "cow")] + [(p, p, "ro") for p in paths]
+    with runtime() as rt:
+        box = rt.create(BoxOptions(volumes=volumes))
+        started = time.perf_counter()
+        box.start()
+        boot = time.perf_counter() - started
+        with box:
+            started = time.perf_counter()
+            result = box.exec("python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory),
+                              cwd=str(directory), env={"PYTHONPATH": os.pathsep.join(paths)})
+            elapsed = time.perf_counter() - started
+        if result.exit_code != 0:
+            raise SystemExit(f"pytest in the box failed:\n{result.stdout[-3000:]!r}{result.stderr[-2000:]!r}")
+        print(f"    {result.stdout.decode().strip().splitlines()[-1]}", flush=True)
+    return boot, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tests", type=int, default=200)
+    parser.add_argument("--fresh", type=int, default=8, help="tests run with scope=test (a VM each)")
+    options = parser.parse_args()
+    n = options.tests
+    with tempfile.TemporaryDirectory(prefix="boxlite-bench-") as tmp:
+        directory = Path(tmp)
+        write_suite(directory, n)
+        print(f"(a) plain pytest on the host, {n} tests", flush=True)
+        host = run_pytest(directory)
+        print(f"(b) pytest inside one box, {n} tests", flush=True)
+        boot, in_box = inside_one_box(directory)
+        print(f"(c) pytest --boxlite, scope=module, {n} tests", flush=True)
+        module = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=module")
+        print(f"(d) pytest --boxlite, scope=test, first {options.fresh} tests", flush=True)
+        fresh = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test",
+                           *[f"test_trivial.py::test_{i}" for i in range(options.fresh)])
+    print()
+    print(f"(a) host:              {host:7.2f} s  ({host / n * 1000:.1f} ms per test, python start included)")
+    print(f"(b) inside one box:    {in_box:7.2f} s  (+ {boot:.2f} s boot)")
+    print(f"(c) --boxlite module:  {module:7.2f} s")
+    print(f"(d) --boxlite test:    {fresh:7.2f} s  for {options.fresh} tests")
+    relay = (module - host - boot - in_box) / n
+    print(f"per-test overhead of (c) over (b): {relay * 1000:.1f} ms "
+          f"((c) - (b) - boot - the host's own pytest start, / {n})")
+    print(f"per test with a fresh VM (d): {fresh / options.fresh:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Fixtures for tests that drive boxes themselves (they run on the host, even under --boxlite):
+`boxlite_runtime` (session), `box_options`, `box` (a fresh box) and `box_factory` (several, all cleaned up)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from vmm import Box, BoxOptions, Runtime
+
+from .plugin import SESSION_KEY, WORKER_KEY
+
+log = logging.getLogger(__name__)
+
+
+def _session(config: pytest.Config):
+    if config.stash.get(WORKER_KEY, False):
+        raise pytest.UsageError("boxlite fixtures are not available inside a box (no VMs in VMs)")
+    return config.stash[SESSION_KEY]
+
+
+@pytest.fixture(scope="session")
+def boxlite_runtime(pytestconfig: pytest.Config) -> Runtime:
+    """The session's runtime (shared with the boxed tests): stops every box it started at the end."""
+    return _session(pytestconfig).runtime
+
+
+@pytest.fixture
+def box_options(request: pytest.FixtureRequest) -> BoxOptions:
+    """Options of the `box` fixture: the test's `boxlite` marker over the session's settings.
+    Override this fixture to set others (any `vmm.BoxOptions` field)."""
+    from .config import marker_arguments
+
+    settings = _session(request.config).settings.settings(marker_arguments(request.node))
+    return BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
+                      memory_mib=settings.memory_mib, env=dict(settings.env), volumes=settings.volumes,
+                      network=settings.network)
+
+
+@pytest.fixture
+def box(boxlite_runtime: Runtime, box_options: BoxOptions) -> Iterator[Box]:
+    """A fresh, running box for this test; stopped and removed after it."""
+    with boxlite_runtime.create(box_options) as started:
+        yield started
+
+
+@pytest.fixture
+def box_factory(boxlite_runtime: Runtime, box_options: BoxOptions) -> Iterator[Callable[..., Box]]:
+    """`box_factory(**overrides)` starts another box (options: `box_options` with the overrides);
+    every box it made is stopped after the test."""
+    # ExitStack removes every box even when removing one fails, then raises that failure.
+    with contextlib.ExitStack() as cleanup:
+
+        def make(**overrides: Any) -> Box:
+            created = boxlite_runtime.create(box_options, **overrides)
+            cleanup.callback(created.remove)
+            return created.start()
+
+        yield make

@@ -1,0 +1,261 @@
+"""The host side of a boxed test run: a pytest worker in a box, spoken to with execnet over the agent's exec
+streams, and the replay of its reports on the host.
+
+execnet bootstraps itself over any byte stream; here the stream is `python3` started with `Box.spawn`, its
+stdin/stdout carried by the agent's channel. No extra host process, no network: `ExecutionIO` gives execnet
+the read/write/kill/wait interface it expects from a pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import execnet
+from execnet import gateway_bootstrap
+
+from vmm import Box
+from vmm.errors import BoxError, BoxliteError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 600.0  # a worker's python start and `import pytest` (seconds under TCG; the first time more)
+STOP_TIMEOUT = 60.0  # the last teardown and pytest_sessionfinish in the guest
+STDERR_TAIL = 16 << 10
+# Runs in the guest's python, given `channel` by execnet. The host's site directories are processed as such
+# (not just put on sys.path) so that their .pth files, editable installs among them, work as on the host.
+WORKER_SOURCE = """
+import os, site
+for path in os.environ.get("PYTEST_BOXLITE_SITEDIRS", "").split(os.pathsep):
+    if path:
+        site.addsitedir(path)
+from pytest_boxlite.worker import serve
+serve(channel)
+"""
+
+
+class ExecutionIO:
+    """execnet's IO interface (what `Popen2IO` offers for a pipe) over a command running in a box."""
+
+    def __init__(self, execution: Any, execmodel: Any) -> None:
+        self.execution = execution
+        self.execmodel = execmodel
+        self._chunks: Iterator[bytes] = iter(execution.stdout)
+        self._buffer = bytearray()
+
+    def read(self, numbytes: int) -> bytes:
+        while len(self._buffer) < numbytes:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise EOFError(f"expected {numbytes} bytes, got {len(self._buffer)}: the worker has ended")
+            self._buffer += chunk
+        data = bytes(self._buffer[:numbytes])
+        del self._buffer[:numbytes]
+        return data
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.execution.stdin.write(data)
+        except (BoxliteError, ValueError) as exc:
+            raise OSError(f"cannot write to the worker: {exc}") from exc
+
+    def close_read(self) -> None:
+        pass  # the output stream ends with the command
+
+    def close_write(self) -> None:
+        try:
+            self.execution.stdin.close()
+        except (BoxliteError, OSError):
+            pass
+
+    def kill(self) -> None:
+        try:
+            self.execution.kill()
+        except (BoxliteError, OSError):
+            pass
+
+    def wait(self) -> int | None:
+        try:
+            return int(self.execution.wait(timeout=10))
+        except BoxliteError:
+            return None
+
+
+class WorkerLost(Exception):
+    """The worker or its box is gone; the message says how, with the console or stderr tail."""
+
+
+class WorkerTimeout(Exception):
+    """The test ran past its timeout; the worker was killed."""
+
+
+@dataclass
+class Worker:
+    """A python running pytest in a box, warm (pytest imported) until `begin()` gives it its items."""
+
+    box: Box
+    execution: Any
+    gateway: execnet.Gateway
+    channel: Any
+    echo: bool
+    _stderr: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=256))
+    items_run: int = 0
+    failed: bool = False
+
+    @classmethod
+    def start(cls, box: Box, group: execnet.Group, env: Mapping[str, str], cwd: str, echo: bool) -> Worker:
+        """Start the worker in a running box and wait until pytest is imported there."""
+        execution = box.spawn("python3", "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))", env=env,
+                              cwd=cwd)
+        worker = cls(box, execution, None, None, echo)  # type: ignore[arg-type]
+        threading.Thread(target=worker._drain_stderr, name=f"boxlite-stderr-{box.id[:8]}", daemon=True).start()
+        spec = execnet.XSpec(f"popen//id=box-{box.id[:8]}//execmodel=thread")
+        group.allocate_id(spec)
+        try:
+            # Without `python=` execnet imports itself in the guest (from the host's site-packages, shared
+            # read-only at the same path) instead of sending its source: the host's .pyc files serve.
+            gateway = gateway_bootstrap.bootstrap(ExecutionIO(execution, group.execmodel), spec)
+        except (EOFError, OSError, AssertionError) as exc:
+            raise worker.lost(f"python3 did not start in box {box.id[:12]} ({exc})") from None
+        gateway.spec = spec
+        group._register(gateway)  # execnet has no public way to adopt a gateway built on our own IO
+        worker.gateway = gateway
+        worker.channel = gateway.remote_exec(WORKER_SOURCE)
+        kind, _ = worker.receive(START_TIMEOUT, "starting pytest")
+        if kind != "ready":
+            raise worker.lost(f"the worker began with {kind!r}")
+        return worker
+
+    @property
+    def label(self) -> str:
+        return self.box.id[:12]
+
+    def _drain_stderr(self) -> None:
+        """Keep the tail for crash reports; with `-s`, pass it through as it comes."""
+        try:
+            for chunk in self.execution.stderr:
+                self._stderr.append(chunk)
+                if self.echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+        except (BoxliteError, OSError, ValueError):
+            pass
+
+    def stderr_tail(self) -> str:
+        """The last lines of the worker's stderr; from python's fatal error line on if there is one (faulthandler's
+        dump of a crash is long, and its first lines say the most)."""
+        lines = b"".join(self._stderr)[-STDERR_TAIL:].decode(errors="replace").splitlines()
+        fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+        return "\n".join(lines[fatal[-1]:][:80] if fatal else lines[-40:])
+
+    def receive(self, timeout: float, doing: str) -> tuple[Any, ...]:
+        try:
+            return self.channel.receive(timeout)
+        except self.channel.TimeoutError:
+            raise WorkerTimeout(f"{doing} took more than {timeout:g} s in box {self.label}") from None
+        except self.channel.RemoteError as exc:  # the worker's own code failed: its traceback says why
+            raise self.lost(f"the pytest worker failed while {doing}:\n{exc.formatted}") from None
+        except (EOFError, OSError) as exc:
+            raise self.lost(f"the worker ended while {doing} ({exc or 'end of stream'})") from None
+
+    def send(self, message: Any) -> None:
+        try:
+            self.channel.send(message)
+        except (OSError, ValueError) as exc:
+            raise self.lost(f"cannot send to the worker ({exc})") from None
+
+    def lost(self, what: str) -> WorkerLost:
+        """The error for a worker that is gone: how its python ended, and what its box said last."""
+        self.failed = True
+        try:
+            code: int | str | None = self.execution.wait(timeout=5)
+            box_tail = ""
+        except BoxError as exc:  # the VM died: the runtime's message has the console tail
+            code, box_tail = None, str(exc)
+        except BoxliteError:
+            code, box_tail = "still running", ""
+        if isinstance(code, int) and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            how = f"python was killed by {name}"
+        elif code is not None:
+            how = f"python exited with status {code}" if code != "still running" else "python is still running"
+        else:
+            how = "the box is gone"
+        message = f"{what}: {how}"
+        if box_tail:
+            message += f"\n{box_tail}"
+        tail = self.stderr_tail()
+        if tail:
+            message += f"\n--- last lines of the worker's stderr ---\n{tail}"
+        return WorkerLost(message)
+
+    def begin(self, unit: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+        """Give the worker its items; it collects their files. Returns (missing node ids, collect errors)."""
+        self.send(dict(unit))
+        kind, *rest = self.receive(START_TIMEOUT, "collecting")
+        if kind != "collected":
+            raise self.lost(f"the worker answered {kind!r} to its items")
+        return rest[0], rest[1]
+
+    def run(self, index: int, timeout: float) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Run item `index` of this worker's list; yields ("report" | "warning", data) as they come."""
+        self.send(("run", index))
+        deadline = time.monotonic() + timeout
+        while True:
+            kind, *rest = self.receive(max(0.0, deadline - time.monotonic()), "running the test")
+            if kind == "done":
+                self.items_run += 1
+                return
+            if kind not in ("report", "warning"):
+                raise self.lost(f"unexpected message {kind!r} from the worker")
+            yield kind, rest[0]
+
+    def finish(self) -> None:
+        """Let the worker run its last teardown and end its session (best effort: the box goes anyway)."""
+        if self.failed:
+            return
+        try:
+            self.send(("stop",))
+            self.receive(STOP_TIMEOUT, "finishing")
+        except (WorkerLost, WorkerTimeout) as exc:
+            log.debug("worker in box %s did not finish cleanly: %s", self.label, exc)
+
+    def close(self) -> None:
+        """Kill the worker's python (if still there) and close the gateway; the box is the pool's."""
+        try:
+            self.execution.kill()
+        except (BoxliteError, OSError):
+            pass
+        try:
+            self.gateway.exit()
+        except (OSError, ValueError):
+            pass
+
+
+def site_directories() -> list[str]:
+    """The directories the host's pytest and this plugin import from, each once (the guest mounts them)."""
+    import _pytest
+    import execnet as _execnet
+    import iniconfig
+    import packaging
+    import pluggy
+
+    import pytest_boxlite
+    import vmm
+
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__ or "")))
+             for m in (_pytest, pluggy, _execnet, iniconfig, packaging, pytest_boxlite, vmm)]
+    import site
+    roots += [p for p in site.getsitepackages() if os.path.isdir(p)]
+    return list(dict.fromkeys(os.path.realpath(r) for r in roots))

@@ -1,0 +1,65 @@
+"""What the terminal says about boxes: a header line, the box of each test with -v, a summary line."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from vmm.errors import BoxliteError
+
+log = logging.getLogger(__name__)
+
+
+class Reporting:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @property
+    def session(self):
+        from .plugin import SESSION_KEY
+
+        return self.config.stash.get(SESSION_KEY, None)
+
+    def pytest_report_header(self, config: pytest.Config) -> str | None:
+        session = self.session
+        if session is None:
+            return None
+        settings = session.settings.settings()
+        from vmm.engines import select
+
+        try:
+            engine = select(settings.engine).describe()
+        except BoxliteError as exc:
+            engine = f"unavailable ({str(exc).splitlines()[0]})"
+        mode = "every test in a box" if session.settings.enabled else "marked tests in boxes"
+        profile = f", profile {session.settings.profile}" if session.settings.profile else ""
+        return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
+                f"{profile}, scope {settings.scope}, pool {session.pool.size}")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:
+        status = yield
+        box = getattr(report, "boxlite_box", None)
+        if box is None or config.get_verbosity() < 1 or not isinstance(status, tuple) or len(status) != 3:
+            return status
+        category, letter, word = status
+        if not word:
+            return status
+        if isinstance(word, tuple):
+            return category, letter, (f"{word[0]} [box {box}]", word[1])
+        return category, letter, f"{word} [box {box}]"
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        session = self.session
+        if session is None or not session.stats.tests and not session.pool.stats.started:
+            return
+        pool, stats = session.pool.stats, session.stats
+        booted = max(pool.started, 1)
+        terminalreporter.write_sep(
+            "-", f"boxlite: {stats.tests} tests in boxes, {pool.started} boxes booted "
+                 f"({pool.boot_seconds:.1f} s booting and starting pytest, {pool.boot_seconds / booted:.1f} s "
+                 f"each), {stats.reused} tests in reused boxes, {pool.waited_seconds:.1f} s waited for boxes")
+        for directory in stats.kept:
+            terminalreporter.write_line(f"boxlite: kept the box of a failed test: {directory}")

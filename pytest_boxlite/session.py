@@ -1,0 +1,317 @@
+"""The session's boxed tests: which items run in which box, and the host side of running them.
+
+Items are grouped into units: one per test (scope "test"), per module and box kind ("module"), or per box kind
+("session"). A unit runs in one worker in one box, its items in session order, so that the guest tears down
+fixtures exactly as a local run would. A worker that dies or times out is replaced for the unit's remaining
+items by a fresh one in a new box.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import execnet
+import pytest
+
+from vmm import BoxOptions, Runtime
+from vmm.errors import BoxliteError, ConfigError
+
+from .config import SessionConfig, Settings, marker_arguments
+from .pool import Pool
+from .relay import Worker, WorkerLost, WorkerTimeout, site_directories
+
+log = logging.getLogger(__name__)
+
+# Tests that drive boxes themselves run on the host even under --boxlite: their untrusted part is in the box.
+BOX_FIXTURES = frozenset({"box", "box_factory", "box_options", "boxlite_runtime"})
+BUILTIN = (str, int, float, bool, type(None))
+
+
+@dataclass
+class Unit:
+    key: Hashable  # the box kind (pool key)
+    settings: Settings
+    items: list[pytest.Item] = field(default_factory=list)
+    worker: Worker | None = None
+    offset: int = 0  # index in `items` of the current worker's first item
+    missing: dict[str, str] = field(default_factory=dict)  # node id -> why the worker did not collect it
+    failed: bool = False
+
+
+@dataclass
+class Stats:
+    tests: int = 0
+    reused: int = 0  # tests that ran in a box that had already run one
+    kept: list[str] = field(default_factory=list)  # box directories kept for inspection
+
+
+class BoxliteSession:
+    """Host side of the boxed tests of one pytest session (one per pytest-xdist worker: per-worker pools)."""
+
+    def __init__(self, config: pytest.Config, settings: SessionConfig) -> None:
+        self.config = config
+        self.settings = settings
+        self.stats = Stats()
+        self.units: dict[str, tuple[Unit, int]] = {}
+        self.errors: dict[str, str] = {}  # node id -> bad marker argument
+        self._kinds: dict[Hashable, Settings] = {}
+        self._runtime: Runtime | None = None
+        self._lock = threading.Lock()
+        self._group = execnet.Group(execmodel="thread")
+        self.pool = Pool(self._make_worker, settings.default_pool_size)
+        self._retiring: list[threading.Thread] = []
+
+    # -- the runtime, shared with the fixtures -------------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        with self._lock:
+            if self._runtime is None:
+                reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+                progress = (lambda msg: reporter.write_line(f"boxlite: {msg}")) if reporter else None
+                self._runtime = Runtime(progress=progress)
+            return self._runtime
+
+    # -- planning ------------------------------------------------------------------------------------
+    def plan(self, items: list[pytest.Item]) -> None:
+        """Decide which items run in boxes, group them into units and start booting ahead."""
+        units: dict[Hashable, Unit] = {}
+        for item in items:
+            try:
+                args = marker_arguments(item)
+                boxed = (args is not None or self.settings.enabled) and not BOX_FIXTURES & set(
+                    getattr(item, "fixturenames", ()))
+                if not boxed:
+                    continue
+                settings = self.settings.settings(args)
+                self.box_options(settings)  # a bad value fails this test now, not its box later
+            except ConfigError as exc:
+                self.errors[item.nodeid] = str(exc)
+                continue
+            key = settings.box_key()
+            self._kinds.setdefault(key, settings)
+            scope_key: Hashable = {"test": item.nodeid, "module": str(item.path), "session": None}[settings.scope]
+            unit = units.setdefault((settings.scope, key, scope_key), Unit(key, settings))
+            self.units[item.nodeid] = (unit, len(unit.items))
+            unit.items.append(item)
+        for unit in units.values():
+            self.pool.expect(unit.key)
+        log.debug("%d boxed tests in %d units", len(self.units), len(units))
+
+    def box_options(self, settings: Settings) -> BoxOptions:
+        """The box for `settings`: the project at its own path (copy-on-write), the host's packages read-only."""
+        rootpath = str(self.config.rootpath.resolve())
+        volumes = [(rootpath, rootpath, "cow")]
+        for path in site_directories():
+            if path != rootpath and not path.startswith(rootpath.rstrip("/") + "/"):  # else the project has it
+                volumes.append((path, path, "ro"))
+        volumes.sort(key=lambda v: v[0].count("/"))  # a parent is mounted before what is mounted inside it
+        options = BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
+                             memory_mib=settings.memory_mib, env=dict(settings.env), network=settings.network,
+                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep)
+        return options.validated()
+
+    def _make_worker(self, key: Hashable) -> Worker:
+        """Boot a box of this kind and start a warm worker in it (runs in the pool's threads)."""
+        options = self.box_options(self._kinds[key])
+        box = self.runtime.create(options)
+        try:
+            box.start()
+            paths = site_directories()
+            env = {"PYTHONPATH": os.pathsep.join(paths), "PYTEST_BOXLITE_SITEDIRS": os.pathsep.join(paths),
+                   "PYTHONDONTWRITEBYTECODE": "1"}
+            return Worker.start(box, self._group, env, str(self.config.rootpath), self._echo)
+        except BaseException:
+            box.remove()
+            raise
+
+    @property
+    def _echo(self) -> bool:
+        return self.config.getoption("capture") == "no"
+
+    # -- running -------------------------------------------------------------------------------------
+    def run(self, item: pytest.Item) -> bool:
+        """Run `item` in its box and replay its reports; False when it is not a boxed item."""
+        if item.nodeid in self.errors:
+            item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            self._synthesize(item, "setup", f"boxlite: {self.errors[item.nodeid]}", set())
+            item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            return True
+        if item.nodeid not in self.units:
+            return False
+        unit, index = self.units[item.nodeid]
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        phases: set[str] = set()
+        worker = None
+        try:
+            worker = self._worker_for(unit, index)
+            if item.nodeid in unit.missing:
+                self._synthesize(item, "setup", unit.missing[item.nodeid], phases)
+            else:
+                if worker.items_run:
+                    self.stats.reused += 1
+                self.stats.tests += 1
+                for kind, data in worker.run(index - unit.offset, unit.settings.timeout):
+                    if kind == "warning":
+                        self._replay_warning(data)
+                    else:
+                        self._replay(item, data, worker, phases)
+        except WorkerTimeout as exc:
+            message = (f"Timeout: {exc}; the test was killed (raise it with timeout= on the boxlite marker, "
+                       f"--boxlite-timeout or boxlite_timeout)")
+            tail = worker.stderr_tail() if worker else ""
+            self._synthesize(item, "call" if "setup" in phases else "setup",
+                             message + (f"\n--- last lines of the worker's stderr ---\n{tail}" if tail else ""),
+                             phases, worker)
+            self._drop_worker(unit, failed=True)
+        except WorkerLost as exc:
+            where = "setup" if "setup" not in phases else "call" if "call" not in phases else "teardown"
+            self._synthesize(item, where, f"boxlite: the box crashed while running this test: {exc}", phases, worker)
+            self._drop_worker(unit, failed=True)
+        except Exception as exc:  # noqa: BLE001 - whatever kept the box from starting is this test's error
+            self._synthesize(item, "setup", f"boxlite: could not start a box for this test: "
+                             f"{type(exc).__name__}: {exc}", phases)
+            self._drop_worker(unit, failed=True)
+        finally:
+            item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        if unit.worker is not None and index == len(unit.items) - 1:
+            self._drop_worker(unit, failed=unit.failed)
+        return True
+
+    def _worker_for(self, unit: Unit, index: int) -> Worker:
+        if unit.worker is None:
+            worker = self.pool.acquire(unit.key)
+            unit.worker, unit.offset = worker, index
+            items = unit.items[index:]
+            missing, collect_errors = worker.begin(self._unit_payload(items))
+            why = "\n".join(self._longrepr_text(d) for d in collect_errors) or "no such test in the box"
+            unit.missing = {nodeid: f"boxlite: the box did not collect this test:\n{why}" for nodeid in missing}
+        return unit.worker
+
+    def _unit_payload(self, items: list[pytest.Item]) -> dict[str, Any]:
+        config = self.config
+        rootpath = config.rootpath.resolve()
+        invocation = config.invocation_params.dir.resolve()
+        args = [f"--rootdir={rootpath}"]
+        if config.inipath is not None:
+            args.append(f"--config-file={config.inipath}")
+        args += list(dict.fromkeys(str(item.path) for item in items))
+        return {
+            # The guest parses its own args: the host's positional ones and argparse internals stay here.
+            "option": {k: v for k, v in _builtins(vars(config.option)).items()
+                       if k != "file_or_dir" and not k.startswith("_")},
+            "args": args,
+            "nodeids": [item.nodeid for item in items],
+            "cwd": str(invocation if invocation.is_relative_to(rootpath) else rootpath),
+            "workerinput": _builtins(getattr(config, "workerinput", None)),
+        }
+
+    def _longrepr_text(self, data: Mapping[str, Any]) -> str:
+        report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+        return str(report.longrepr)
+
+    def _replay(self, item: pytest.Item, data: dict[str, Any], worker: Worker, phases: set[str]) -> None:
+        report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+        report.boxlite_box = worker.label  # type: ignore[attr-defined]  # shown by -v (reporting.py)
+        if report.when == "teardown":
+            report.user_properties.append(("boxlite_box", worker.box.id))
+        if report.failed:
+            unit, _ = self.units[item.nodeid]
+            unit.failed = True
+        phases.add(report.when)
+        item.ihook.pytest_runtest_logreport(report=report)
+
+    def _replay_warning(self, data: Mapping[str, Any]) -> None:
+        """A warning raised in the box, shown in the host's warnings summary (categories by name only)."""
+        category = getattr(builtins, data["category"], None)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category = getattr(pytest, data["category"], UserWarning)
+        message = warnings.WarningMessage(category(data["message"]), category, data["filename"], data["lineno"])
+        location = tuple(data["location"]) if data["location"] else None
+        self.config.hook.pytest_warning_recorded.call_historic(kwargs={
+            "warning_message": message, "when": "runtest", "nodeid": data["nodeid"], "location": location})
+
+    def _synthesize(self, item: pytest.Item, when: str, message: str, phases: set[str],
+                    worker: Worker | None = None) -> None:
+        """A failed report for `item` made on the host (nothing came back from the box), plus the teardown
+        report that output plugins such as junitxml wait for."""
+        keywords = {name: 1 for name in item.keywords}
+        reports = [pytest.TestReport(item.nodeid, item.location, keywords, "failed", message, when, [], 0.0)]
+        if when != "teardown":
+            reports.append(pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown",
+                                             [], 0.0))
+        for report in reports:
+            if worker is not None:
+                report.boxlite_box = worker.label  # type: ignore[attr-defined]
+            phases.add(report.when)  # type: ignore[arg-type]
+            item.ihook.pytest_runtest_logreport(report=report)
+        if item.nodeid in self.units:
+            self.units[item.nodeid][0].failed = True
+
+    def _drop_worker(self, unit: Unit, failed: bool) -> None:
+        """End the unit's worker; its box is stopped in the background (kept with --boxlite-keep if failed)."""
+        worker, unit.worker = unit.worker, None
+        if worker is None:
+            return
+        remaining = len(unit.items) - (unit.offset + worker.items_run) - (1 if failed else 0)
+        if failed and remaining > 0:
+            self.pool.expect(unit.key)  # the unit goes on in a new box
+        self._retire(worker, failed)
+
+    def _retire(self, worker: Worker, failed: bool) -> None:
+        keep = failed and self.settings.keep
+
+        def stop() -> None:
+            worker.finish()
+            worker.close()
+            try:
+                worker.box.stop()
+                if not keep:
+                    worker.box.remove()
+            except BoxliteError as exc:
+                log.debug("stopping box %s: %s", worker.label, exc)
+
+        if keep:
+            self.stats.kept.append(str(worker.box.directory))
+        thread = threading.Thread(target=stop, name=f"boxlite-retire-{worker.label}", daemon=True)
+        thread.start()
+        self._retiring.append(thread)
+
+    def close(self) -> None:
+        """End every worker and box (also on Ctrl-C): nothing outlives the session."""
+        for worker in self.pool.close():
+            self._retire(worker, failed=False)
+        for unit, _ in list(self.units.values()):
+            if unit.worker is not None:
+                self._drop_worker(unit, failed=False)
+        for thread in self._retiring:
+            thread.join(60)
+        try:
+            self._group.terminate(timeout=5)
+        finally:
+            if self._runtime is not None:
+                self._runtime.close()
+
+
+def _builtins(value: Any) -> Any:
+    """`value` with only what execnet can carry: builtin scalars and containers of them; paths as strings."""
+    if isinstance(value, BUILTIN):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        items = [_builtins(v) for v in value]
+        return [v for v in items if v is not _SKIP]
+    if isinstance(value, dict):
+        pairs = {k: _builtins(v) for k, v in value.items() if isinstance(k, str)}
+        return {k: v for k, v in pairs.items() if v is not _SKIP}
+    return _SKIP
+
+
+_SKIP = object()

@@ -1,0 +1,108 @@
+"""The guest side: a pytest worker that runs inside a box, driven by the host over an execnet channel.
+
+Started by `relay.WORKER_SOURCE` (execnet's `remote_exec`), it imports pytest at once so that a warm worker
+has paid for that before a test needs it, then waits for its unit of work:
+
+    host -> guest  {"option": {...}, "args": [...], "nodeids": [...], "rootdir": ..., "workerinput": ...}
+    guest -> host  ("collected", missing_nodeids, failed_collect_reports)
+    host -> guest  ("run", index)           guest -> host  ("report"|"warning", data)... then ("done", index)
+    host -> guest  ("stop",)                guest -> host  ("finished", exit_status)
+
+Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
+`pytest_report_to_serializable` dicts, as pytest-xdist's do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from .plugin import WORKER_KEY
+
+# Options that only the host acts on: the host selected the items (-k, -m, --lf, ...), counts failures (-x),
+# writes reports (--junitxml) and owns the cache; a guest that applied them again would disagree or clobber.
+GUEST_OVERRIDES: dict[str, Any] = {
+    "keyword": "", "markexpr": "", "deselect": [], "lf": False, "failedfirst": False, "newfirst": False,
+    "last_failed_no_failures": "all", "cacheclear": False, "stepwise": False, "stepwise_skip": False,
+    "maxfail": 0, "xmlpath": None, "continue_on_collection_errors": True, "collectonly": False,
+    "basetemp": None, "help": False, "version": False, "showfixtures": False, "show_fixtures_per_test": False,
+    "markers": False, "numprocesses": None, "dist": "no", "tx": [], "looponfail": False, "pastebin": None,
+    "boxlite": False,
+}
+
+
+class WorkerPlugin:
+    """Runs the host's items one by one on command and sends their reports back."""
+
+    def __init__(self, channel: Any, config: pytest.Config, nodeids: list[str]) -> None:
+        self.channel = channel
+        self.config = config
+        self.nodeids = nodeids
+        self.collect_failures: list[dict[str, Any]] = []
+
+    def _serializable(self, report: pytest.CollectReport | pytest.TestReport) -> dict[str, Any]:
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        # record_property accepts any object; only builtins survive the channel.
+        data["user_properties"] = [(str(k), v if isinstance(v, (str, int, float, bool)) else repr(v))
+                                   for k, v in data.get("user_properties", [])]
+        return data
+
+    @pytest.hookimpl
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.collect_failures.append(self._serializable(report))
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.channel.send(("report", self._serializable(report)))
+
+    @pytest.hookimpl
+    def pytest_warning_recorded(self, warning_message: Any, when: str, nodeid: str,
+                                location: tuple[str, int, str] | None) -> None:
+        if when == "runtest":  # collection and config warnings were the host's own
+            self.channel.send(("warning", {
+                "message": str(warning_message.message), "category": warning_message.category.__name__,
+                "filename": warning_message.filename, "lineno": warning_message.lineno, "nodeid": nodeid,
+                "location": list(location) if location else None,
+            }))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        by_id = {item.nodeid: item for item in session.items}
+        items = [by_id.get(nodeid) for nodeid in self.nodeids]
+        missing = [nodeid for nodeid, item in zip(self.nodeids, items) if item is None]
+        self.channel.send(("collected", missing, self.collect_failures))
+        while True:
+            command = self.channel.receive()
+            if command[0] == "stop":
+                return True
+            index = command[1]
+            item = items[index]
+            if item is not None:
+                # The next item this worker will run decides which fixtures are torn down after this one.
+                nextitem = next((i for i in items[index + 1:] if i is not None), None)
+                item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            self.channel.send(("done", index))
+
+
+def serve(channel: Any) -> None:
+    """Run one unit of work for the host: collect the files it names, run the items it asks for."""
+    # execnet pointed fd 1 at /dev/null; with `-s` the tests' output should reach the host, which echoes stderr.
+    os.dup2(2, 1)
+    channel.send(("ready", {"python": sys.version.split()[0], "pytest": pytest.__version__}))
+    unit = channel.receive()
+    if unit is None:  # a warm worker the session no longer needs
+        return
+    os.chdir(unit["cwd"])
+    option = {**unit["option"], **GUEST_OVERRIDES}
+    option["plugins"] = [*option.get("plugins", []), "no:terminal"]
+    config = pytest.Config.fromdictargs(option, unit["args"])
+    config.stash[WORKER_KEY] = True
+    if unit.get("workerinput") is not None:
+        config.workerinput = unit["workerinput"]  # type: ignore[attr-defined]  # as under pytest-xdist
+    config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"]), "boxlite-worker")
+    status = config.hook.pytest_cmdline_main(config=config)
+    channel.send(("finished", int(status)))
