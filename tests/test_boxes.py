@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Volume
+from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Runtime, Volume
 
 
 def test_ephemeral_writes_vanish(runtime):
@@ -185,3 +187,30 @@ def test_async_api_mirrors_the_sync_one(runtime):
 def test_exec_error_in_a_missing_working_dir(shared_box):
     with pytest.raises(ExecError, match="/no/such/dir"):
         shared_box.exec("true", cwd="/no/such/dir")
+
+
+def test_a_deep_runtime_home_still_gets_short_socket_paths(runtime, tmp_path):
+    from vmm.images.default import ensure_default_image
+
+    rootfs = ensure_default_image(runtime.home.root).rootfs
+    deep = tmp_path / ("h" * 60) / ("o" * 60)  # box dirs far past the 108-byte socket address limit
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_text("deep\n")
+    with Runtime(deep) as rt:
+        box = rt.create(BoxOptions(image=f"dir:{rootfs}", volumes=[(str(shared), "/mnt/s", "ro")]))
+        with box:
+            assert box.exec("cat", "/mnt/s/f").stdout == b"deep\n"
+            socket_dir = box._vm.spec.socket_dir
+            assert socket_dir != box.directory and len(str(socket_dir / "fs0.sock")) < 108
+        assert not socket_dir.exists()
+
+
+def test_boxes_of_a_process_that_died_are_swept(runtime, child_env):
+    code = ("import os; from vmm import Runtime, BoxOptions; box = Runtime().create(BoxOptions()); "
+            "print(box.id, flush=True); os._exit(0)")  # no cleanup at all, as after SIGKILL
+    box_id = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env,
+                            check=True).stdout.strip()
+    assert runtime.home.box_dir(box_id).exists()
+    Runtime(runtime.home.root)  # any new runtime on the same home sweeps it
+    assert not runtime.home.box_dir(box_id).exists()

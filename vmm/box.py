@@ -99,7 +99,8 @@ class Box:
             "created": self.created,
             "status": self.status,
             "engine": self.engine_name,
-            "owner": os.getpid() if self.status == "running" else None,
+            # Whose box it is while it may be in use; a dead owner's ephemeral boxes are swept.
+            "owner": os.getpid() if self.status in ("created", "running") else None,
         }
         self._dir.mkdir(parents=True, exist_ok=True)
         tmp = self._dir / "box.json.tmp"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import abc
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import process
 from ..options import Port
+
+SOCKET_PATH_BUDGET = 90  # sun_path holds 107 bytes; names like "/fs12.sock" must still fit
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,14 @@ class LaunchSpec:
     @property
     def console_log(self) -> Path:
         return self.box_dir / "console.log"
+
+    @property
+    def socket_dir(self) -> Path:
+        """Where the VM's unix sockets go: the box directory, unless its path is too long for a socket
+        address (108 bytes; a deep runtime home, e.g. under pytest's tmp_path), then a short one in /tmp."""
+        if len(str(self.box_dir)) <= SOCKET_PATH_BUDGET:
+            return self.box_dir
+        return Path(tempfile.gettempdir()) / f"boxlite-{os.getuid()}" / self.box_dir.name[:16]
 
 
 class VM(abc.ABC):
@@ -142,6 +155,8 @@ class ProcessVM(VM):
         for proc in (self.proc, *self.helpers):
             process.reap(proc)
         self.channel.close()
+        if self.spec.socket_dir != self.spec.box_dir:
+            shutil.rmtree(self.spec.socket_dir, ignore_errors=True)
 
     def kill_async(self) -> None:
         if self.proc.poll() is None:

@@ -191,7 +191,8 @@ class LibkrunEngine(Engine):
         check_spec(spec, self.lib)
         spec.box_dir.mkdir(parents=True, exist_ok=True)
         spec.console_log.write_bytes(b"")
-        channel_path = spec.box_dir / "channel.sock"
+        spec.socket_dir.mkdir(parents=True, exist_ok=True)
+        channel_path = spec.socket_dir / "channel.sock"
         if len(str(channel_path)) > SUN_PATH_MAX:
             raise BoxError(f"{channel_path} is too long for a unix socket: use a shorter BOXLITE_HOME")
         helpers: list[subprocess.Popen] = []

@@ -125,12 +125,14 @@ class QemuEngine(Engine):
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sockets = []
+            if spec.shares:
+                spec.socket_dir.mkdir(parents=True, exist_ok=True)
             for i, share in enumerate(spec.shares):
-                sock = spec.box_dir / f"fs{i}.sock"
-                helpers.append(_start_virtiofsd(share, sock))
+                sock = spec.socket_dir / f"fs{i}.sock"
+                helpers.append(_start_virtiofsd(share, sock, spec.box_dir / f"fs{i}.log"))
                 sockets.append(sock)
-            for sock, helper in zip(sockets, helpers):
-                _wait_for_socket(sock, helper)
+            for i, (sock, helper) in enumerate(zip(sockets, helpers)):
+                _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
             argv = self.argv(spec, guest_end.fileno(), console.guest_end.fileno(), sockets)
             log.debug("starting %s", " ".join(argv))
             proc = process.spawn(
@@ -152,7 +154,7 @@ class QemuEngine(Engine):
         return QemuVM(proc, helpers, host_end, console, spec)
 
 
-def _start_virtiofsd(share: Share, sock: Path) -> subprocess.Popen:
+def _start_virtiofsd(share: Share, sock: Path, log_file: Path) -> subprocess.Popen:
     binary = find_virtiofsd()
     help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
     # A composed view of the host (the host image's root) is read by everything the box runs: let the guest
@@ -171,7 +173,7 @@ def _start_virtiofsd(share: Share, sock: Path) -> subprocess.Popen:
     elif share.readonly:
         argv = _readonly_wrapper(share, argv, help_text)
     log.debug("starting %s", " ".join(argv))
-    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(f"{sock}.log", "wb"))
+    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"))
 
 
 def _readonly_wrapper(share: Share, argv: list[str], help_text: str) -> list[str]:
@@ -215,11 +217,10 @@ def _composed_tree_wrapper(share: Share, argv: list[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh", *argv]
 
 
-def _wait_for_socket(path: Path, helper: subprocess.Popen, timeout: float = 10.0) -> None:
+def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if helper.poll() is not None:
-            log_file = Path(f"{path}.log")
             raise BoxError(f"virtiofsd exited with {helper.returncode}: {log_file.read_text(errors='replace')[-1000:]}")
         if time.monotonic() > deadline:
             raise BoxError(f"virtiofsd did not create {path} within {timeout:.0f} s")
