@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +217,21 @@ def test_boxes_of_a_process_that_died_are_swept(runtime, child_env):
     assert runtime.home.box_dir(box_id).exists()
     Runtime(runtime.home.root)  # any new runtime on the same home sweeps it
     assert not runtime.home.box_dir(box_id).exists()
+
+
+def test_a_runtime_home_inside_a_read_only_volume(runtime):
+    """The project shared read-only with the runtime home inside it (BOXLITE_HOME=.ci-home in CI)."""
+    from vmm.images.default import ensure_default_image
+
+    rootfs = ensure_default_image(runtime.home.root).rootfs
+    project = Path(tempfile.mkdtemp(prefix="bl"))  # short: the sockets stay in the box dir, inside it
+    try:
+        (project / "setup.cfg").write_text("[x]\n")
+        with Runtime(project / "home") as rt:
+            box = rt.create(BoxOptions(image=f"dir:{rootfs}", volumes=[(str(project), "/src", "ro")]))
+            with box:
+                assert box._vm.spec.socket_dir == box.directory
+                assert box.exec("cat", "/src/setup.cfg").stdout == b"[x]\n"
+                assert box.exec("touch", "/src/new").exit_code != 0
+    finally:
+        shutil.rmtree(project)

@@ -129,7 +129,7 @@ class QemuEngine(Engine):
                 spec.socket_dir.mkdir(parents=True, exist_ok=True)
             for i, share in enumerate(spec.shares):
                 sock = spec.socket_dir / f"fs{i}.sock"
-                helpers.append(_start_virtiofsd(share, sock, spec.box_dir / f"fs{i}.log"))
+                helpers.append(_start_virtiofsd(share, sock, spec.box_dir / f"fs{i}.log", spec.box_dir / f"view{i}"))
                 sockets.append(sock)
             for i, (sock, helper) in enumerate(zip(sockets, helpers)):
                 _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
@@ -154,43 +154,48 @@ class QemuEngine(Engine):
         return QemuVM(proc, helpers, host_end, console, spec)
 
 
-def _start_virtiofsd(share: Share, sock: Path, log_file: Path) -> subprocess.Popen:
+def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> subprocess.Popen:
+    """virtiofsd for `share`; `view` is an empty directory a read-only share is bound onto, privately."""
     binary = find_virtiofsd()
     help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    source, wrapper, extra = share.host, [], []
+    if share.tree is not None:
+        wrapper = _composed_tree_wrapper(share)
+    elif share.readonly:
+        # Enforced on the host: the guest controls its own mount flags, so they prove nothing.
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            # A read-only bind of the directory in a mount namespace of the server's own. Bound onto another
+            # directory, not onto itself: the server's socket may live below the shared directory (a runtime
+            # home inside the project) and must stay writable.
+            view.mkdir(parents=True, exist_ok=True)
+            source = view
+            script = 'mount --bind -o ro "$0" "$1" && shift && exec "$@"'
+            wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(share.host),
+                       str(view)]
+        elif "--readonly" in help_text:
+            extra = ["--readonly"]
+        else:
+            raise EngineUnavailable(
+                f"cannot share {share.host} read-only: this virtiofsd has no --readonly and binding it read-only "
+                "needs root; run as root, install a newer virtiofsd, or share the volume read-write"
+            )
     # A composed view of the host (the host image's root) is read by everything the box runs: let the guest
     # cache it. Volumes are not cached: the host may change their files while the box runs.
     cached = share.tree is not None
     if "--shared-dir" in help_text:  # the Rust virtiofsd (Debian 13)
-        argv = [binary, f"--socket-path={sock}", f"--shared-dir={share.host}",
-                f"--cache={'always' if cached else 'never'}"]
+        argv = [binary, f"--socket-path={sock}", f"--shared-dir={source}",
+                f"--cache={'always' if cached else 'never'}", *extra]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
     else:  # the C virtiofsd bundled with qemu 7.2
-        argv = [binary, f"--socket-path={sock}", "-o", f"source={share.host}",
+        argv = [binary, f"--socket-path={sock}", "-o", f"source={source}",
                 "-o", f"cache={'always' if cached else 'none'}"]
-    if share.tree is not None:
-        argv = _composed_tree_wrapper(share, argv)
-    elif share.readonly:
-        argv = _readonly_wrapper(share, argv, help_text)
+    argv = [*wrapper, *argv]
     log.debug("starting %s", " ".join(argv))
     return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"))
 
 
-def _readonly_wrapper(share: Share, argv: list[str], help_text: str) -> list[str]:
-    """Enforce read-only on the host: the guest controls its own mount flags, so they prove nothing."""
-    if os.geteuid() == 0 and shutil.which("unshare"):
-        # A private mount namespace in which the shared directory is a read-only bind of itself.
-        script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(share.host), *argv]
-    if "--readonly" in help_text:
-        return [*argv, "--readonly"]
-    raise EngineUnavailable(
-        f"cannot share {share.host} read-only: this virtiofsd has no --readonly and binding it read-only needs "
-        "root; run as root, install a newer virtiofsd, or share the volume read-write"
-    )
-
-
-def _composed_tree_wrapper(share: Share, argv: list[str]) -> list[str]:
+def _composed_tree_wrapper(share: Share) -> list[str]:
     """Build `share.tree` on `share.host` in a private mount namespace that only the file server sees."""
     tree = share.tree
     assert tree is not None
@@ -214,7 +219,7 @@ def _composed_tree_wrapper(share: Share, argv: list[str]) -> list[str]:
                      f"elif [ -e {q(root + path)} ]; then mount --bind -o ro {q(root)}/.boxlite-empty {q(root + path)}; fi")
     lines.append(f"mount -o remount,ro {q(root)}")
     lines.append('exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh", *argv]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
 
 
 def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeout: float = 10.0) -> None:
