@@ -13,7 +13,7 @@ system-packages:
 $(PY): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[test]'
 	@touch $(PY)
 
 venv: $(PY)

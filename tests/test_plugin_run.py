@@ -263,3 +263,24 @@ def test_box_fixtures_run_on_the_host_and_clean_up(pytester):
     result = pytester.runpytest_subprocess("--boxlite", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     assert not vm_processes(str(pytester.path))
+
+
+XDIST_MODULE = """
+import os
+
+def test_{name}_one():
+    assert os.path.exists("/proc/1/comm")
+
+def test_{name}_two():
+    assert open("/proc/1/comm").read().strip() == "init"  # PID 1 of a box is its agent
+"""
+
+
+def test_under_pytest_xdist_each_worker_runs_its_own_boxes(pytester):
+    for name in ("alpha", "beta"):
+        pytester.makepyfile(**{f"test_{name}": XDIST_MODULE.format(name=name)})
+    result = pytester.runpytest_subprocess("-n", "2", "--boxlite", "-o", "boxlite_scope=module", "-v",
+                                           "-p", "no:cacheprovider", timeout=900)
+    result.assert_outcomes(passed=4)
+    boxes = {line.split("[box ")[1].split("]")[0] for line in result.outlines if "PASSED [box " in line}
+    assert len(boxes) >= 2, result.outlines  # one box per module at least, from the workers' own pools
