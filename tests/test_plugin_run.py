@@ -200,8 +200,14 @@ def test_crashes_and_timeouts_are_that_tests_failure_and_the_session_goes_on(pyt
     pytester.makepyfile(test_crashes=CRASHES)
     # A fresh VM per test, three booting ahead at a time: the crashes do not wait for each other's boots.
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "not not_boxed", "-v",
-                                           "-o", "boxlite_pool_size=3")
+                                           "-o", "boxlite_pool_size=3", "--boxlite-keep")
     result.assert_outcomes(passed=1, failed=4, deselected=1)
+    # --boxlite-keep: the boxes of the crashed tests stay for inspection, with their console logs.
+    kept = [line.rsplit(": ", 1)[1] for line in result.outlines if "kept the box of a failed test" in line]
+    assert len(kept) == 4, result.outlines
+    for directory in kept:
+        assert os.path.exists(os.path.join(directory, "console.log"))
+        Runtime().remove(os.path.basename(directory))
     result.stdout.fnmatch_lines_random([
         "*test_exit FAILED*",
         ("*the box crashed while running this test: the worker ended while running the test*python exited with "
