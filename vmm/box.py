@@ -248,7 +248,6 @@ class Box:
                 self._teardown(vm, channel)
             if self.status == "stopping":
                 self.status = "stopped"
-            self._runtime._stopped(self)
             if self._auto_remove:
                 self._remove_files()
             else:

@@ -157,9 +157,6 @@ class Runtime:
             self._boots += 1
             self._boot_seconds += seconds
 
-    def _stopped(self, box: Box) -> None:
-        pass
-
     def _removed(self, box: Box) -> None:
         with self._lock:
             self._boxes.pop(box.id, None)
