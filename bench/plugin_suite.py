@@ -6,6 +6,8 @@
   (d) `pytest --boxlite` with scope="test": a fresh VM (and worker) per test, on the first N tests only
       (`--fresh N`, default 8: under TCG each costs seconds; the figure is per test either way)
 
+(a)-(c) run `--repeat` times (default 3), interleaved; the figures are medians.
+
 Prints the per-test overhead of (c) over (b) (the relay's cost) and of (d) (what memory snapshots will attack).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,21 +75,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", type=int, default=200)
     parser.add_argument("--fresh", type=int, default=8, help="tests run with scope=test (a VM each)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (a), (b), (c), interleaved; medians")
     options = parser.parse_args()
     n = options.tests
     with tempfile.TemporaryDirectory(prefix="boxlite-bench-") as tmp:
         directory = Path(tmp)
         write_suite(directory, n)
-        print(f"(a) plain pytest on the host, {n} tests", flush=True)
-        host = run_pytest(directory)
-        print(f"(b) pytest inside one box, {n} tests", flush=True)
-        boot, in_box = inside_one_box(directory)
-        print(f"(c) pytest --boxlite, scope=module, {n} tests", flush=True)
-        module = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=module")
+        # Interleaved, so that a slow spell of the machine hits (b) and (c) alike; guest pytest start-up
+        # varies by seconds under TCG, which is tens of ms per test over 200 tests.
+        hosts, boots, in_boxes, modules = [], [], [], []
+        for run in range(1, options.repeat + 1):
+            print(f"run {run}/{options.repeat}", flush=True)
+            print(f"(a) plain pytest on the host, {n} tests", flush=True)
+            hosts.append(run_pytest(directory))
+            print(f"(b) pytest inside one box, {n} tests", flush=True)
+            boot, in_box = inside_one_box(directory)
+            boots.append(boot)
+            in_boxes.append(in_box)
+            print(f"(c) pytest --boxlite, scope=module, {n} tests", flush=True)
+            modules.append(run_pytest(directory, "--boxlite", "-o", "boxlite_scope=module"))
+        host, boot, in_box, module = (statistics.median(v) for v in (hosts, boots, in_boxes, modules))
         print(f"(d) pytest --boxlite, scope=test, first {options.fresh} tests", flush=True)
         fresh = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test",
                            *[f"test_trivial.py::test_{i}" for i in range(options.fresh)])
     print()
+    print(f"medians of {options.repeat} interleaved runs; (c) runs: {', '.join(f'{m:.2f}' for m in modules)} s, "
+          f"(b) runs: {', '.join(f'{b:.2f}' for b in in_boxes)} s")
     print(f"(a) host:              {host:7.2f} s  ({host / n * 1000:.1f} ms per test, python start included)")
     print(f"(b) inside one box:    {in_box:7.2f} s  (+ {boot:.2f} s boot)")
     print(f"(c) --boxlite module:  {module:7.2f} s")
