@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -157,7 +158,7 @@ class QemuEngine(Engine):
 def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> subprocess.Popen:
     """virtiofsd for `share`; `view` is an empty directory a read-only share is bound onto, privately."""
     binary = find_virtiofsd()
-    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    help_text = _help_text(binary)
     source, wrapper, extra = share.host, [], []
     if share.tree is not None:
         wrapper = _composed_tree_wrapper(share)
@@ -193,6 +194,12 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
     argv = [*wrapper, *argv]
     log.debug("starting %s", " ".join(argv))
     return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"))
+
+
+@functools.lru_cache(maxsize=4)
+def _help_text(binary: str) -> str:
+    """What a virtiofsd accepts (C or Rust flavour, --readonly): asked once, not at every boot."""
+    return subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
 
 
 def _composed_tree_wrapper(share: Share) -> list[str]:
