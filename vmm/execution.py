@@ -232,27 +232,21 @@ class Execution:
                 self._grant()
                 if self._done:
                     break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                error: ExecError | None = None
                 if max_output is not None and len(out[STDOUT]) + len(out[STDERR]) > max_output:
-                    self._cond.release()
-                    try:
-                        self._kill_and_reap()
-                    finally:
-                        self._cond.acquire()
-                    raise OutputLimitExceeded(
+                    error = OutputLimitExceeded(
                         f"{self.args[0]!r} printed more than {max_output} bytes and was killed; "
                         "raise max_output, or use spawn() and stream its output"
                     )
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._cond.release()
-                    try:
-                        self._kill_and_reap()
-                    finally:
-                        self._cond.acquire()
-                    raise ExecTimeout(
+                elif remaining is not None and remaining <= 0:
+                    error = ExecTimeout(
                         f"{' '.join(self.args)[:200]!r} timed out after {timeout} s and was killed",
                         bytes(out[STDOUT]), bytes(out[STDERR]),
                     )
+                if error is not None:
+                    self._kill_and_reap()  # the condition's lock is reentrant, and waiting releases it
+                    raise error
                 self._cond.wait(remaining)
             if self._error is not None:
                 raise self._error
@@ -272,5 +266,4 @@ class Execution:
 
     def __exit__(self, *exc: object) -> None:
         if self.returncode is None:
-            self.kill()
             self._kill_and_reap()
