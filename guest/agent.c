@@ -41,7 +41,7 @@
 #define NEWROOT "/newroot"
 
 enum {
-	T_HELLO = 0x01, T_SETUP = 0x02, T_READY = 0x03, T_EXEC = 0x10, T_STARTED = 0x11,
+	T_HELLO = 0x01, T_SETUP = 0x02, T_READY = 0x03, T_RESUME = 0x04, T_EXEC = 0x10, T_STARTED = 0x11,
 	T_STDIN = 0x12, T_STDOUT = 0x13, T_STDERR = 0x14, T_EXIT = 0x15, T_KILL = 0x16,
 	T_CREDIT = 0x17, T_ERROR = 0x18, T_STAT = 0x20, T_PING = 0x21, T_PONG = 0x22,
 	T_SHUTDOWN = 0x2f,
@@ -489,9 +489,26 @@ static const char *setup_network(void)
 	return err;
 }
 
-static const char *setup_volume(const unsigned char *v, size_t len)
+/* The ext4 on the disk with this serial, mounted at `tgt`. Its cached blocks are dropped first: a disk
+ * restored into a VM from a snapshot may hold other contents than the one the kernel read at boot. */
+static const char *mount_disk(const unsigned char *serial, size_t len, const char *tgt, unsigned long fl)
 {
-	/* TAG \0 GUESTPATH \0 ro|rw|cow */
+	char dev[300];
+	const char *err = find_disk(serial, len, dev, sizeof dev);
+	if (err) return err;
+	int fd = open(dev, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) return fail(dev);
+	int flushed = ioctl(fd, BLKFLSBUF, 0);
+	close(fd);
+	if (flushed < 0) return fail("BLKFLSBUF");
+	return do_mount(dev, tgt, "ext4", fl, NULL);
+}
+
+/* A volume: from a virtiofs share (`disk` 0: SOURCE is its tag) or an ext4 disk (`disk` 1: SOURCE is its
+ * virtio-blk serial). */
+static const char *setup_volume(const unsigned char *v, size_t len, int disk)
+{
+	/* SOURCE \0 GUESTPATH \0 ro|rw|cow */
 	const unsigned char *z1 = memchr(v, 0, len);
 	const unsigned char *z2 = z1 ? memchr(z1 + 1, 0, len - (z1 + 1 - v)) : NULL;
 	if (!z2) return "volume: want TAG\\0PATH\\0ro|rw|cow";
@@ -510,7 +527,8 @@ static const char *setup_volume(const unsigned char *v, size_t len)
 	if (path[0] != '/' || strstr(path, "/../") || (pl >= 3 && !strcmp(path + pl - 3, "/..")))
 		return "volume: path must be absolute without '..'";
 	snprintf(tgt, sizeof tgt, NEWROOT "%s", path);
-	if (!cow) return do_mount(tag, tgt, "virtiofs", ro ? MS_RDONLY : 0, NULL);
+	if (!cow) return disk ? mount_disk(v, tl, tgt, ro ? MS_RDONLY : 0)
+	                      : do_mount(tag, tgt, "virtiofs", ro ? MS_RDONLY : 0, NULL);
 	/* Copy-on-write: the host share (read-only on the host) is the lower layer of an overlay whose upper
 	 * layer lives with the box's own writes, outside the box's view. */
 	char lower[128], upper[128], work[128], opts[512];
@@ -518,10 +536,52 @@ static const char *setup_volume(const unsigned char *v, size_t len)
 	snprintf(lower, sizeof lower, "/vols/%s", tag);
 	snprintf(upper, sizeof upper, "/upperfs/vols/%s/upper", tag);
 	snprintf(work, sizeof work, "/upperfs/vols/%s/work", tag);
-	if ((err = do_mount(tag, lower, "virtiofs", MS_RDONLY, NULL))) return err;
+	if ((err = disk ? mount_disk(v, tl, lower, MS_RDONLY) : do_mount(tag, lower, "virtiofs", MS_RDONLY, NULL)))
+		return err;
 	if (mkdir_p(upper, 0755) < 0 || mkdir_p(work, 0755) < 0) return fail("volume upper dirs");
 	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work);
 	return do_mount("overlay", tgt, "overlay", 0, opts);
+}
+
+/* Hostname, wall clock and entropy: set at boot, and again in every VM restored from a snapshot, whose
+ * clock is the snapshot's and whose random pool is shared with every other restored copy. */
+static const char *apply_identity(const unsigned char *p, size_t len)
+{
+	const unsigned char *end = p + len;
+	struct rec r;
+	const char *err = NULL;
+	for (const unsigned char *q = p; rec_next(&q, end, &r) == 1;) {
+		if (r.key == 'h' && (r.len > 64 || sethostname((const char *)r.v, r.len) < 0)) return "sethostname failed";
+		if (r.key == 't') {
+			/* SECONDS.FRACTION: the fraction is read as decimal digits of a second. */
+			const unsigned char *dot = memchr(r.v, '.', r.len);
+			size_t sl = dot ? (size_t)(dot - r.v) : r.len;
+			unsigned long long sec, ns = 0;
+			if (parse_u64(r.v, sl, 1ULL << 40, &sec) < 0) return "bad time";
+			for (size_t i = sl + 1, k = 0; dot && k < 9; i++, k++) {
+				if (i < r.len && (r.v[i] < '0' || r.v[i] > '9')) return "bad time";
+				ns = ns * 10 + (i < r.len ? r.v[i] - '0' : 0);
+			}
+			struct timespec ts = {(time_t)sec, (long)ns};
+			if (clock_settime(CLOCK_REALTIME, &ts) < 0) return fail("clock_settime");
+		}
+		if (r.key == 'R' && r.len > 0) {
+			struct rand_pool_info *rpi = malloc(sizeof *rpi + r.len);
+			int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+			int ok = rpi && fd >= 0;
+			if (ok) {
+				rpi->entropy_count = (int)r.len * 8;
+				rpi->buf_size = (int)r.len;
+				memcpy(rpi->buf, r.v, r.len);
+				ok = ioctl(fd, RNDADDENTROPY, rpi) == 0 && ioctl(fd, RNDRESEEDCRNG) == 0;
+			}
+			if (!ok) err = fail("RNDADDENTROPY/RNDRESEEDCRNG");
+			free(rpi);
+			if (fd >= 0) close(fd);
+			if (err) return err;
+		}
+	}
+	return NULL;
 }
 
 static const char *do_setup(const unsigned char *p, size_t len)
@@ -568,37 +628,10 @@ static const char *do_setup(const unsigned char *p, size_t len)
 	    (err = do_mount("run", NEWROOT "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")))
 		return err;
 	for (const unsigned char *q = p; rec_next(&q, end, &r) == 1;) {
-		if (r.key == 'v' && (err = setup_volume(r.v, r.len))) return err;
-		if (r.key == 'h' && (r.len > 64 || sethostname((const char *)r.v, r.len) < 0)) return "setup: sethostname failed";
-		if (r.key == 't') {
-			/* SECONDS.FRACTION: the fraction is read as decimal digits of a second. */
-			const unsigned char *dot = memchr(r.v, '.', r.len);
-			size_t sl = dot ? (size_t)(dot - r.v) : r.len;
-			unsigned long long sec, ns = 0;
-			if (parse_u64(r.v, sl, 1ULL << 40, &sec) < 0) return "setup: bad time";
-			for (size_t i = sl + 1, k = 0; dot && k < 9; i++, k++) {
-				if (i < r.len && (r.v[i] < '0' || r.v[i] > '9')) return "setup: bad time";
-				ns = ns * 10 + (i < r.len ? r.v[i] - '0' : 0);
-			}
-			struct timespec ts = {(time_t)sec, (long)ns};
-			if (clock_settime(CLOCK_REALTIME, &ts) < 0) return fail("clock_settime");
-		}
-		if (r.key == 'R' && r.len > 0) {
-			struct rand_pool_info *rpi = malloc(sizeof *rpi + r.len);
-			int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-			int ok = rpi && fd >= 0;
-			if (ok) {
-				rpi->entropy_count = (int)r.len * 8;
-				rpi->buf_size = (int)r.len;
-				memcpy(rpi->buf, r.v, r.len);
-				ok = ioctl(fd, RNDADDENTROPY, rpi) == 0;
-			}
-			if (!ok) err = fail("RNDADDENTROPY");
-			free(rpi);
-			if (fd >= 0) close(fd);
-			if (err) return err;
-		}
+		if (r.key == 'v' && (err = setup_volume(r.v, r.len, 0))) return err;
+		if (r.key == 'd' && (err = setup_volume(r.v, r.len, 1))) return err;
 	}
+	if ((err = apply_identity(p, len))) return err;
 	if (net && (err = setup_network())) return err;
 	return NULL;
 }
@@ -995,6 +1028,16 @@ static void dispatch(uint32_t stream, int type, const unsigned char *p, size_t l
 		const char *err = stdio_mode ? NULL : do_setup(p, len);
 		if (err) { send_error(0, "setup: %s", err); return; }
 		setup_done = 1;
+		send_frame(0, T_READY, NULL, 0);
+		return;
+	}
+	case T_RESUME: { /* the first message to a VM restored from a snapshot */
+		const char *err = !setup_done ? "not set up" : NULL;
+		struct rec r;
+		for (const unsigned char *q = p; !err && !stdio_mode && rec_next(&q, p + len, &r) == 1;)
+			if (r.key == 'd') err = setup_volume(r.v, r.len, 1);
+		if (!err && !stdio_mode) err = apply_identity(p, len);
+		if (err) { send_error(0, "resume: %s", err); return; }
 		send_frame(0, T_READY, NULL, 0);
 		return;
 	}

@@ -40,6 +40,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT  # seconds per test, setup and teardown included
     scope: str = "test"  # "test": a fresh VM per test; "module"/"session": one VM reused within that scope
     pool_size: int | None = None  # warm boxes kept per box kind; None: sized to the host
+    snapshots: bool = True  # scope "test": restore each box from a snapshot of a warmed-up one, if possible
 
     def box_key(self) -> tuple[Any, ...]:
         """What makes two boxes interchangeable (the pool's key)."""
@@ -72,6 +73,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                 "a positive number of seconds"),
     "scope": (lambda v: v in SCOPES, f"one of {', '.join(SCOPES)}"),
     "pool_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "snapshots": (lambda v: isinstance(v, bool), "true or false"),
 }
 PROFILE_KEYS = tuple(k for k in CHECKS if k != "scope")
 MARKER_KEYS = ("image", "profile", "cpus", "memory_mib", "network", "timeout", "scope", "env")
@@ -159,6 +161,8 @@ INI: tuple[tuple[str, str, str, str], ...] = (
     ("boxlite_network", "", "bool", "give boxes a network (user-mode NAT)"),
     ("boxlite_scope", "", "string", f"box reuse for --boxlite: {', '.join(SCOPES)} (default test)"),
     ("boxlite_pool_size", "", "string", "warm boxes kept ahead per box kind (default: sized to the host)"),
+    ("boxlite_snapshots", "boxlite_snapshots", "bool",
+     "scope test: restore each test's VM from a snapshot of a warmed-up one (default true)"),
 )
 
 
@@ -179,6 +183,9 @@ def add_options(parser: pytest.Parser) -> None:
                     help="keep the boxes of failed tests (their id is in the report) instead of removing them.")
     group.addoption("--boxlite-config", metavar="PATH", default=None,
                     help=f"path of the profiles file (default: ROOTDIR/{YAML_NAME} if it exists).")
+    group.addoption("--boxlite-no-snapshots", dest="boxlite_snapshots", action="store_false", default=None,
+                    help="boot every scope=test box instead of restoring it from a snapshot template "
+                         "(slower; for comparison or when snapshots misbehave).")
     for key, _, kind, help_ in INI:
         parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]
 
@@ -241,6 +248,7 @@ class SessionConfig:
             "network": ini["boxlite_network"],
             "scope": ini["boxlite_scope"],
             "pool_size": ini["boxlite_pool_size"],
+            "snapshots": pick(opt.boxlite_snapshots, "boxlite_snapshots"),
         }
         layers = check_values({k: v for k, v in layers.items() if v is not None}, tuple(CHECKS),
                               "command line / ini")

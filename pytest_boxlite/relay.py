@@ -109,29 +109,64 @@ class Worker:
     _stderr: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=256))
     items_run: int = 0
     failed: bool = False
+    # A worker restored from a snapshot taken after it collected: node id -> index in its list of items.
+    positions: Mapping[str, int] | None = None
+    collected: tuple[list[str], list[Any]] = ([], [])  # and what it did not collect, with the errors
 
     @classmethod
     def start(cls, box: Box, group: execnet.Group, env: Mapping[str, str], cwd: str, echo: bool) -> Worker:
         """Start the worker in a running box and wait until pytest is imported there."""
         execution = box.spawn("python3", "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))", env=env,
                               cwd=cwd)
+
+        def bootstrap(io: ExecutionIO, spec: execnet.XSpec) -> execnet.Gateway:
+            # Without `python=` execnet imports itself in the guest (from the host's site-packages, shared
+            # read-only at the same path) instead of sending its source: the host's .pyc files serve.
+            return gateway_bootstrap.bootstrap(io, spec)
+
+        worker = cls._attach(box, execution, group, echo, bootstrap)
+        worker.channel = worker.gateway.remote_exec(WORKER_SOURCE)
+        kind, _ = worker.receive(START_TIMEOUT, "starting pytest")
+        if kind != "ready":
+            raise worker.lost(f"the worker began with {kind!r}")
+        return worker
+
+    @classmethod
+    def adopt(cls, box: Box, group: execnet.Group, echo: bool, saved: Mapping[str, Any]) -> Worker:
+        """The worker of a box restored from a snapshot: its python, gateway and channel are running in the
+        guest already (`saved` is what `snapshot_data()` said in the template); only the host side is new."""
+        assert box.warm_execution is not None
+
+        def reconnect(io: ExecutionIO, spec: execnet.XSpec) -> execnet.Gateway:
+            return execnet.Gateway(io, spec)  # the guest's side was bootstrapped before the snapshot
+
+        worker = cls._attach(box, box.warm_execution, group, echo, reconnect)
+        factory = worker.gateway._channelfactory  # no public way to name the channel the guest listens on
+        factory.count = saved["next_channel"]
+        worker.channel = factory.new(saved["channel"])
+        worker.positions = {nodeid: i for i, nodeid in enumerate(saved["nodeids"])}
+        worker.collected = (saved["missing"], saved["errors"])
+        return worker
+
+    def snapshot_data(self, nodeids: list[str], missing: list[str], errors: list[Any]) -> dict[str, Any]:
+        """What `adopt()` needs, kept with the template: the channel, and what the worker collected."""
+        return {"channel": self.channel.id, "next_channel": self.gateway._channelfactory.count,
+                "nodeids": nodeids, "missing": missing, "errors": errors}
+
+    @classmethod
+    def _attach(cls, box: Box, execution: Any, group: execnet.Group, echo: bool,
+                connect: Any) -> Worker:
         worker = cls(box, execution, None, None, echo)  # type: ignore[arg-type]
         threading.Thread(target=worker._drain_stderr, name=f"boxlite-stderr-{box.id[:8]}", daemon=True).start()
         spec = execnet.XSpec(f"popen//id=box-{box.id[:8]}//execmodel=thread")
         group.allocate_id(spec)
         try:
-            # Without `python=` execnet imports itself in the guest (from the host's site-packages, shared
-            # read-only at the same path) instead of sending its source: the host's .pyc files serve.
-            gateway = gateway_bootstrap.bootstrap(ExecutionIO(execution, group.execmodel), spec)
+            gateway = connect(ExecutionIO(execution, group.execmodel), spec)
         except (EOFError, OSError, AssertionError) as exc:
             raise worker.lost(f"python3 did not start in box {box.id[:12]} ({exc})") from None
         gateway.spec = spec
         group._register(gateway)  # execnet has no public way to adopt a gateway built on our own IO
         worker.gateway = gateway
-        worker.channel = gateway.remote_exec(WORKER_SOURCE)
-        kind, _ = worker.receive(START_TIMEOUT, "starting pytest")
-        if kind != "ready":
-            raise worker.lost(f"the worker began with {kind!r}")
         return worker
 
     @property
@@ -208,9 +243,10 @@ class Worker:
             raise self.lost(f"the worker answered {kind!r} to its items")
         return rest[0], rest[1]
 
-    def run(self, index: int, timeout: float) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list; yields ("report" | "warning", data) as they come."""
-        self.send(("run", index))
+    def run(self, index: int, timeout: float, alone: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Run item `index` of this worker's list (`alone`: and no other, all fixtures torn down after it);
+        yields ("report" | "warning", data) as they come."""
+        self.send(("run", index, alone))
         deadline = time.monotonic() + timeout
         while True:
             kind, *rest = self.receive(max(0.0, deadline - time.monotonic()), "running the test")

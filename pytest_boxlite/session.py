@@ -9,6 +9,8 @@ items by a fresh one in a new box.
 from __future__ import annotations
 
 import builtins
+import importlib.metadata
+import json
 import logging
 import os
 import threading
@@ -20,18 +22,23 @@ from typing import Any
 import execnet
 import pytest
 
-from vmm import BoxOptions, Runtime
+from vmm import Box, BoxOptions, Execution, Runtime
+from vmm.engines import select as select_engine
 from vmm.errors import BoxliteError, ConfigError
+from vmm.snapshot import Template
+from vmm.volumes import directory_image
 
 from .config import SessionConfig, Settings, marker_arguments
 from .pool import Pool
-from .relay import Worker, WorkerLost, WorkerTimeout, site_directories
+from .relay import WORKER_SOURCE, Worker, WorkerLost, WorkerTimeout, site_directories
 
 log = logging.getLogger(__name__)
 
 # Tests that drive boxes themselves run on the host even under --boxlite: their untrusted part is in the box.
 BOX_FIXTURES = frozenset({"box", "box_factory", "box_options", "boxlite_runtime"})
 BUILTIN = (str, int, float, bool, type(None))
+SNAPSHOT = "snapshot"  # pool keys (SNAPSHOT, box key): scope=test boxes restored from a template
+PLUGIN_VERSION = importlib.metadata.version("pytest-boxlite")
 
 
 @dataclass
@@ -62,6 +69,9 @@ class BoxliteSession:
         self.units: dict[str, tuple[Unit, int]] = {}
         self.errors: dict[str, str] = {}  # node id -> bad marker argument
         self._kinds: dict[Hashable, Settings] = {}
+        self._snapshot_items: dict[Hashable, list[pytest.Item]] = {}  # per snapshot kind, in session order
+        self._templates: dict[Hashable, Template] = {}
+        self._template_locks: dict[Hashable, threading.Lock] = {}
         self._runtime: Runtime | None = None
         self._lock = threading.Lock()
         self._group = execnet.Group(execmodel="thread")
@@ -94,7 +104,10 @@ class BoxliteSession:
             except ConfigError as exc:
                 self.errors[item.nodeid] = str(exc)
                 continue
-            key = settings.box_key()
+            key: Hashable = settings.box_key()
+            if self._snapshots_possible(settings):
+                key = (SNAPSHOT, key)  # its boxes are restored clones: a pool of their own
+                self._snapshot_items.setdefault(key, []).append(item)
             self._kinds.setdefault(key, settings)
             scope_key: Hashable = {"test": item.nodeid, "module": str(item.path), "session": None}[settings.scope]
             unit = units.setdefault((settings.scope, key, scope_key), Unit(key, settings))
@@ -104,32 +117,106 @@ class BoxliteSession:
             self.pool.expect(unit.key)
         log.debug("%d boxed tests in %d units", len(self.units), len(units))
 
-    def box_options(self, settings: Settings) -> BoxOptions:
-        """The box for `settings`: the project at its own path (copy-on-write), the host's packages read-only."""
+    def _snapshots_possible(self, settings: Settings) -> bool:
+        """Whether boxes of `settings` can be clones of a snapshot template (else each one boots)."""
+        if settings.scope != "test" or not settings.snapshots or settings.volumes or settings.image == "host":
+            return False
+        try:
+            return select_engine(settings.engine, self.runtime.kernel.release).snapshots
+        except BoxliteError:
+            return False  # the boot path reports it
+
+    def box_options(self, settings: Settings, images: bool = False) -> BoxOptions:
+        """The box for `settings`: the project at its own path (copy-on-write), the host's packages read-only.
+
+        `images`: as ext4 image files of those directories (for snapshot templates) instead of virtiofs shares.
+        """
         rootpath = str(self.config.rootpath.resolve())
-        volumes = [(rootpath, rootpath, "cow")]
-        for path in site_directories():
-            if path != rootpath and not path.startswith(rootpath.rstrip("/") + "/"):  # else the project has it
-                volumes.append((path, path, "ro"))
-        volumes.sort(key=lambda v: v[0].count("/"))  # a parent is mounted before what is mounted inside it
+        sites = [p for p in site_directories() if p != rootpath]
+        if images:
+            home = self.runtime.home.root
+
+            def image(path: str, project: bool) -> str:
+                # Left out: what changes on every run (pytest's cache), what is mounted separately (packages
+                # inside it, such as a .venv), a runtime home inside it; and git's objects, but the project's.
+                exclude = [".pytest_cache", *(p for p in (*sites, str(home)) if _inside(p, path))]
+                if not project:
+                    exclude.append(".git")
+                return str(directory_image(path, home, exclude, self.runtime.progress))
+
+            volumes = [(image(rootpath, True), rootpath, "cow"), *((image(p, False), p, "ro") for p in sites)]
+        else:
+            volumes = [(rootpath, rootpath, "cow")]
+            volumes += [(p, p, "ro") for p in sites if not _inside(p, rootpath)]  # else the project has it
+        volumes.sort(key=lambda v: v[1].count("/"))  # a parent is mounted before what is mounted inside it
         options = BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
                              memory_mib=settings.memory_mib, env=dict(settings.env), network=settings.network,
                              volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep)
         return options.validated()
 
     def _make_worker(self, key: Hashable) -> Worker:
-        """Boot a box of this kind and start a warm worker in it (runs in the pool's threads)."""
+        """A box of this kind with a warm worker in it (runs in the pool's threads): restored from the kind's
+        snapshot template, or booted, with pytest started in it."""
+        if key in self._snapshot_items:
+            return self._restore_worker(key)
         options = self.box_options(self._kinds[key])
         box = self.runtime.create(options)
         try:
             box.start()
-            paths = site_directories()
-            env = {"PYTHONPATH": os.pathsep.join(paths), "PYTEST_BOXLITE_SITEDIRS": os.pathsep.join(paths),
-                   "PYTHONDONTWRITEBYTECODE": "1"}
-            return Worker.start(box, self._group, env, str(self.config.rootpath), self._echo)
+            return Worker.start(box, self._group, self._worker_env(), str(self.config.rootpath), self._echo)
         except BaseException:
             box.remove()
             raise
+
+    @staticmethod
+    def _worker_env() -> dict[str, str]:
+        paths = os.pathsep.join(site_directories())
+        return {"PYTHONPATH": paths, "PYTEST_BOXLITE_SITEDIRS": paths, "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def _restore_worker(self, key: Hashable) -> Worker:
+        template = self._template(key)
+        try:
+            box = self.runtime.restore(template)
+        except BoxliteError:
+            with self._lock:
+                self._templates.pop(key, None)  # the runtime discarded it: the next worker rebuilds it
+            raise
+        try:
+            return Worker.adopt(box, self._group, self._echo, template.data)
+        except BaseException:
+            box.remove()
+            raise
+
+    def _template(self, key: Hashable) -> Template:
+        """The kind's snapshot template: a booted box whose worker has imported pytest and collected every
+        item of this kind, saved (built once, then found in the runtime home while nothing changes)."""
+        with self._lock:
+            lock = self._template_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key in self._templates:
+                return self._templates[key]
+            items = self._snapshot_items[key]
+            payload = self._unit_payload(items)
+            env, cwd = self._worker_env(), str(self.config.rootpath)
+            started: list[Worker] = []
+
+            def warmup(box: Box) -> tuple[Execution, dict[str, Any]]:
+                worker = Worker.start(box, self._group, env, cwd, self._echo)
+                started.append(worker)
+                missing, errors = worker.begin(payload)
+                return worker.execution, worker.snapshot_data(payload["nodeids"], missing, errors)
+
+            # Everything the warm-up's result depends on beyond the box: the unit, the worker's code.
+            extra = json.dumps([payload, env, cwd, PLUGIN_VERSION, WORKER_SOURCE], sort_keys=True, default=str)
+            try:
+                template = self.runtime.template(self.box_options(self._kinds[key], images=True), warmup=warmup,
+                                                 key=extra)
+            finally:
+                for worker in started:
+                    worker.failed = True  # its VM is saved and gone: nothing to finish
+                    worker.close()
+            self._templates[key] = template
+            return template
 
     @property
     def _echo(self) -> bool:
@@ -157,7 +244,10 @@ class BoxliteSession:
                 if worker.items_run:
                     self.stats.reused += 1
                 self.stats.tests += 1
-                for kind, data in worker.run(index - unit.offset, unit.settings.timeout):
+                position, alone = index - unit.offset, False
+                if worker.positions is not None:
+                    position, alone = worker.positions[item.nodeid], True
+                for kind, data in worker.run(position, unit.settings.timeout, alone):
                     if kind == "warning":
                         self._replay_warning(data)
                     else:
@@ -188,8 +278,10 @@ class BoxliteSession:
         if unit.worker is None:
             worker = self.pool.acquire(unit.key)
             unit.worker, unit.offset = worker, index
-            items = unit.items[index:]
-            missing, collect_errors = worker.begin(self._unit_payload(items))
+            if worker.positions is not None:  # restored from a template that collected every item already
+                missing, collect_errors = worker.collected
+            else:
+                missing, collect_errors = worker.begin(self._unit_payload(unit.items[index:]))
             why = "\n".join(self._longrepr_text(d) for d in collect_errors) or "no such test in the box"
             unit.missing = {nodeid: f"boxlite: the box did not collect this test:\n{why}" for nodeid in missing}
         return unit.worker
@@ -297,6 +389,10 @@ class BoxliteSession:
         finally:
             if self._runtime is not None:
                 self._runtime.close()
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip("/") + "/")
 
 
 def _builtins(value: Any) -> Any:

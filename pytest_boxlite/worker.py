@@ -5,7 +5,8 @@ has paid for that before a test needs it, then waits for its unit of work:
 
     host -> guest  {"option": {...}, "args": [...], "nodeids": [...], "rootdir": ..., "workerinput": ...}
     guest -> host  ("collected", missing_nodeids, failed_collect_reports)
-    host -> guest  ("run", index)           guest -> host  ("report"|"warning", data)... then ("done", index)
+    host -> guest  ("run", index[, alone])  guest -> host  ("report"|"warning", data)... then ("done", index)
+                   alone: in a VM restored from a snapshot taken after collection, to run this item only
     host -> guest  ("stop",)                guest -> host  ("finished", exit_status)
 
 Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
@@ -15,6 +16,7 @@ Only builtin types cross the channel (execnet's serializer carries nothing else)
 from __future__ import annotations
 
 import os
+import random
 import sys
 from typing import Any
 
@@ -79,11 +81,13 @@ class WorkerPlugin:
             command = self.channel.receive()
             if command[0] == "stop":
                 return True
-            index = command[1]
+            index, alone = command[1], len(command) > 2 and command[2]
             item = items[index]
+            if alone:  # a VM restored from a snapshot, for this item only: its own random state, all teardown
+                random.seed()
             if item is not None:
                 # The next item this worker will run decides which fixtures are torn down after this one.
-                nextitem = next((i for i in items[index + 1:] if i is not None), None)
+                nextitem = None if alone else next((i for i in items[index + 1:] if i is not None), None)
                 item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             self.channel.send(("done", index))
 

@@ -29,11 +29,13 @@ from .protocol import T, parse_records, record_int, records
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+    from .snapshot import Template
 
 log = logging.getLogger(__name__)
 
 ROOT_SERIAL = "boxlite-root"
 UPPER_SERIAL = "boxlite-upper"
+VOLUME_SERIAL = "boxlite-vol"  # + the volume's index: volumes given as ext4 image files
 HOST_ROOT_TAG = "hostroot"
 BOOT_WATCHDOGS = (10.0, 20.0, 40.0)  # about 2% of boots hang early (DESIGN.md): retry, each time more patient
 SETUP_TIMEOUT = 60.0
@@ -81,6 +83,9 @@ class Box:
         self._vm: VM | None = None
         self._channel: Channel | None = None
         self._lock = threading.RLock()
+        self._ram_file: Path | None = None  # booting a snapshot template: its RAM goes to this file
+        self._template: "Template | None" = None  # restored from this template instead of booted
+        self.warm_execution: Execution | None = None  # the template's running command, taken over
 
     # -- state on disk --------------------------------------------------------------------------------
     @property
@@ -122,6 +127,8 @@ class Box:
             boot = kernel.boot_files(self._runtime.home.kernels, self._runtime.kernel)
             spec = self._launch_spec(boot)
             started = time.monotonic()
+            if self._template is not None:
+                return self._restore(engine, spec, started)
             for attempt, watchdog in enumerate(BOOT_WATCHDOGS, 1):
                 vm = engine.launch(spec)
                 channel = Channel(vm.channel, self._lost_error_factory(vm))
@@ -147,20 +154,26 @@ class Box:
 
     def _launch_spec(self, boot: kernel.BootFiles) -> LaunchSpec:
         disks = []
-        # A cow volume is read-only on the host too: the box's writes go to its own overlay.
-        shares = [Share(f"vol{i}", Path(v.host), v.mode != "rw") for i, v in enumerate(self.options.volumes)]
+        shares = []
+        if self.image.tree is None:
+            disks.append(Disk(self.image.base, ROOT_SERIAL, readonly=True))
+        for i, vol in enumerate(self.options.volumes):
+            if Path(vol.host).is_file():  # an ext4 image: a read-only disk
+                disks.append(Disk(Path(vol.host), f"{VOLUME_SERIAL}{i}", readonly=True))
+            else:  # a cow volume is read-only on the host too: the box's writes go to its own overlay
+                shares.append(Share(f"vol{i}", Path(vol.host), vol.mode != "rw"))
         if self.image.tree is not None:  # the root is a view of the host, shared read-only
             view = self._dir / "hostview"
             view.mkdir(parents=True, exist_ok=True)
             shares.append(Share(HOST_ROOT_TAG, view, readonly=True, tree=self.image.tree))
-        else:
-            disks.append(Disk(self.image.base, ROOT_SERIAL, readonly=True))
         if self.persistent:
             disks.append(Disk(self._upper_disk(), UPPER_SERIAL, readonly=False, format="qcow2"))
         return LaunchSpec(
             box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
             memory_mib=self.options.memory_mib, disks=tuple(disks), shares=tuple(shares),
             network=self.options.network, ports=self.options.ports,
+            ram_file=self._template.ram if self._template else self._ram_file,
+            restore_state=self._template.state if self._template else None,
         )
 
     def _upper_disk(self) -> Path:
@@ -190,23 +203,70 @@ class Box:
         root = f"virtiofs:{HOST_ROOT_TAG}" if self.image.tree is not None else vm.disk_serial(ROOT_SERIAL)
         items: list[tuple[str, bytes | str | int]] = [("r", root), ("w", upper)]
         for i, vol in enumerate(self.options.volumes):
-            items.append(("v", f"vol{i}\0{vol.guest}\0{vol.mode}"))
+            if Path(vol.host).is_file():
+                items.append(("d", f"{vm.disk_serial(f'{VOLUME_SERIAL}{i}')}\0{vol.guest}\0{vol.mode}"))
+            else:
+                items.append(("v", f"vol{i}\0{vol.guest}\0{vol.mode}"))
         if self.options.network:
             items.append(("n", "1"))
+        self._request(vm, channel, T.SETUP, items + self._identity(), "set up")
+
+    def _identity(self) -> list[tuple[str, bytes | str | int]]:
+        """Name, wall clock and fresh entropy: given at boot, and again to every VM restored from a snapshot."""
         now = time.time_ns()
-        items += [("h", self.options.name or f"box-{self.id[:8]}"), ("t", f"{now // 10**9}.{now % 10**9:09d}"),
-                  ("R", os.urandom(64))]
-        channel.send(T.SETUP, 0, records(items))
+        return [("h", self.options.name or f"box-{self.id[:8]}"), ("t", f"{now // 10**9}.{now % 10**9:09d}"),
+                ("R", os.urandom(64))]
+
+    def _request(self, vm: VM, channel: Channel, kind: T, items: list[tuple[str, bytes | str | int]],
+                 doing: str) -> None:
+        """SETUP or RESUME: the agent answers READY, or ERROR with what failed."""
+        channel.send(kind, 0, records(items))
         try:
-            kind, payload = channel.control(SETUP_TIMEOUT)
+            answer, payload = channel.control(SETUP_TIMEOUT)
         except TimeoutError:
-            raise BoxError(f"box {self.id}: the agent did not finish setting up within {SETUP_TIMEOUT:.0f} s",
+            raise BoxError(f"box {self.id}: the agent did not {doing} within {SETUP_TIMEOUT:.0f} s",
                            vm.console_tail()) from None
-        if kind == T.ERROR:
-            raise BoxError(f"box {self.id} could not set up: {payload[:1000].decode(errors='replace')}",
+        if answer == T.ERROR:
+            raise BoxError(f"box {self.id} could not {doing}: {payload[:1000].decode(errors='replace')}",
                            vm.console_tail())
-        if kind != T.READY:
-            raise GuestProtocolError(f"box {self.id}: the agent answered SETUP with {kind.name}")
+        if answer != T.READY:
+            raise GuestProtocolError(f"box {self.id}: the agent answered {kind.name} with {answer.name}")
+
+    def _restore(self, engine: engines.Engine, spec: LaunchSpec, started: float) -> "Box":
+        """Start a copy of the template's VM: its RAM copy-on-write, its own channel, console and identity."""
+        template = self._template
+        assert template is not None
+        vm = engine.launch(spec)
+        channel = Channel(vm.channel, self._lost_error_factory(vm), first_stream=template.next_stream)
+        try:
+            self._request(vm, channel, T.RESUME, self._identity(), "resume from its snapshot")
+            if template.warm is not None:
+                self.warm_execution = Execution(channel, template.warm.args, None, state=template.warm)
+        except BaseException:
+            self._teardown(vm, channel)
+            raise
+        self._vm, self._channel = vm, channel
+        self.engine_name = engine.name
+        self.status = "running"
+        self._save()
+        self._runtime._started(self, time.monotonic() - started, restored=True)
+        log.info("box %s restored from template %s (%.3f s)", self.id, template.key[:12], time.monotonic() - started)
+        return self
+
+    def _snapshot(self, state: Path) -> int:
+        """Save the running VM into a template (RAM in `_ram_file`, devices in `state`), then discard it.
+        Returns the next free stream id. The caller has left no command with output in flight."""
+        with self._lock:
+            vm, channel = self._vm, self._running_channel()
+            assert vm is not None and self._ram_file is not None
+            channel.request(T.PING, T.PONG)  # every frame sent before it has reached the agent
+            next_stream = channel.next_stream()
+            vm.save(state)
+            self._vm = self._channel = None
+            self.status = "stopped"
+            self._teardown(vm, channel)
+            self._remove_files()
+            return next_stream
 
     def _lost_error_factory(self, vm: VM):
         def lost(reason: str, protocol: bool) -> BaseException:

@@ -48,13 +48,15 @@ class _Reply:
 
 
 class Channel:
-    def __init__(self, sock: socket.socket, lost_error: Callable[[str, bool], BaseException]) -> None:
-        """`lost_error(reason, protocol_violation)` builds the error pending work gets when the connection ends."""
+    def __init__(self, sock: socket.socket, lost_error: Callable[[str, bool], BaseException],
+                 first_stream: int = 1) -> None:
+        """`lost_error(reason, protocol_violation)` builds the error pending work gets when the connection ends.
+        `first_stream`: the next free stream id (a VM restored from a snapshot has streams open already)."""
         self._sock = sock
         self._lost_error = lost_error
         self._lock = threading.Lock()
         self._streams: dict[int, StreamHandler] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_stream)
         self._control: queue.Queue[tuple[T, bytes] | BaseException] = queue.Queue()
         self._out: queue.Queue[bytes | None] = queue.Queue()
         self.error: BaseException | None = None
@@ -87,6 +89,20 @@ class Channel:
                 raise self.error
             stream = next(self._ids)
             self._streams[stream] = handler
+            return stream
+
+    def adopt_stream(self, handler: StreamHandler, stream: int) -> None:
+        """Serve a stream that is open in the guest already (one a snapshot carried)."""
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            self._streams[stream] = handler
+
+    def next_stream(self) -> int:
+        """The id the next stream will get; the ones below it are taken."""
+        with self._lock:
+            stream = next(self._ids)
+            self._ids = itertools.count(stream)
             return stream
 
     def close_stream(self, stream: int) -> None:

@@ -73,11 +73,25 @@ class _Stdin:
         self._execution._close_stdin()
 
 
+@dataclass(frozen=True)
+class ExecutionState:
+    """The host's side of a command's stream while nothing is in flight: saved with a snapshot, so that the
+    host side of a VM restored from it takes up the command where the snapshot left it."""
+
+    stream: int
+    args: tuple[str, ...]
+    pid: int | None
+    window: int
+    unacked: int
+    stdin_credit: int
+
+
 class Execution:
     """A command running in a box (returned by `Box.spawn`). Thread-safe; like `subprocess.Popen`."""
 
-    def __init__(self, channel: "Channel", args: tuple[str, ...], exec_payload: bytes,
-                 on_done: "callable[[], None] | None" = None) -> None:
+    def __init__(self, channel: "Channel", args: tuple[str, ...], exec_payload: bytes | None,
+                 on_done: "callable[[], None] | None" = None, state: ExecutionState | None = None) -> None:
+        """Sends EXEC with `exec_payload`; or, given `state` (and no payload), adopts that running command."""
         self.args = args
         self.pid: int | None = None
         self.returncode: int | None = None
@@ -95,8 +109,24 @@ class Execution:
         self._error: BaseException | None = None
         self._done = False
         self._on_done = on_done
+        if state is not None:
+            self.pid, self._window, self._unacked, self._stdin_credit = (
+                state.pid, state.window, state.unacked, state.stdin_credit)
+            self._stream = state.stream
+            channel.adopt_stream(self, state.stream)
+            return
         self._stream = channel.open_stream(self)
+        assert exec_payload is not None
         channel.send(T.EXEC, self._stream, exec_payload)
+
+    def state(self) -> ExecutionState:
+        """This command's stream state, to save with a snapshot. Its output must all have been read."""
+        with self._cond:
+            if self._done or self._buffered or self._stdin_closed:
+                raise BoxError(f"{self.args[0]!r} cannot be carried in a snapshot: it has ended, closed its "
+                               "stdin, or has unread output")
+            return ExecutionState(self._stream, self.args, self.pid, self._window, self._unacked,
+                                  self._stdin_credit)
 
     # -- frames from the reader thread -------------------------------------------------------------
     def on_frame(self, kind: T, payload: bytes) -> None:

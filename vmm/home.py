@@ -1,4 +1,4 @@
-"""Where the runtime keeps its state: images, kernels (initramfs), boxes."""
+"""Where the runtime keeps its state: images, kernels (initramfs), boxes, snapshot templates."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Home:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root) if root is not None else default_home()
         self.root = self.root.expanduser().resolve()
-        for sub in (self.images, self.kernels, self.boxes):
+        for sub in (self.images, self.kernels, self.boxes, self.templates):
             sub.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -34,6 +34,10 @@ class Home:
     @property
     def boxes(self) -> Path:
         return self.root / "boxes"
+
+    @property
+    def templates(self) -> Path:
+        return self.root / "templates"
 
     def box_dir(self, box_id: str) -> Path:
         return self.boxes / box_id

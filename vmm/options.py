@@ -18,10 +18,12 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class Volume:
-    """A host directory shared into the box through virtiofs.
+    """A host directory shared into the box through virtiofs, or an ext4 image file attached as a disk.
 
     mode: "ro" read-only; "rw" the box writes to the host directory; "cow" the box may write, but its
-    writes stay in the box (an overlay on the read-only share) and never reach the host.
+    writes stay in the box (an overlay on the read-only share) and never reach the host. An image file is
+    never written: "ro" or "cow". Boxes restored from snapshots take image files only (virtiofs cannot be
+    snapshotted), which `vmm.volumes.directory_image()` makes from a directory.
     """
 
     host: str
@@ -105,8 +107,13 @@ class BoxOptions:
         for vol in volumes:
             if vol.mode not in ("ro", "rw", "cow"):
                 raise ConfigError(f"volume {vol.host}:{vol.guest}: mode must be 'ro', 'rw' or 'cow', not {vol.mode!r}")
-            if not Path(vol.host).is_dir():
-                raise ConfigError(f"volume {vol.host}:{vol.guest}: {vol.host} is not a directory on the host")
+            if Path(vol.host).is_file():
+                if vol.mode == "rw":
+                    raise ConfigError(f"volume {vol.host}:{vol.guest}: an image file is attached read-only: "
+                                      "use mode 'ro' or 'cow'")
+            elif not Path(vol.host).is_dir():
+                raise ConfigError(f"volume {vol.host}:{vol.guest}: {vol.host} is neither a directory nor an ext4 "
+                                  "image file on the host")
             if not vol.guest.startswith("/") or vol.guest == "/" or ".." in vol.guest.split("/"):
                 raise ConfigError(
                     f"volume {vol.host}:{vol.guest}: the guest path must be absolute, not /, without '..'"

@@ -20,6 +20,7 @@ class T(enum.IntEnum):
     HELLO = 0x01
     SETUP = 0x02
     READY = 0x03
+    RESUME = 0x04
     EXEC = 0x10
     STARTED = 0x11
     STDIN = 0x12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import engines, kernel
+from . import engines, kernel, snapshot
 from .box import Box, BoxInfo
-from .errors import BoxNotFound
+from .errors import BoxError, BoxNotFound
 from .home import Home
 from .images import ImageConfig, ResolvedImage, resolve_image
 from .options import BoxOptions
@@ -31,6 +32,8 @@ class RuntimeMetrics:
     exec_calls: int
     boots: int
     boot_seconds: float
+    restores: int = 0  # boxes started from a snapshot template instead of booted
+    restore_seconds: float = 0.0
 
 
 class Runtime:
@@ -48,8 +51,8 @@ class Runtime:
         self.progress = progress
         self._lock = threading.Lock()
         self._boxes: dict[str, Box] = {}
-        self._created = self._destroyed = self._execs = self._boots = 0
-        self._boot_seconds = 0.0
+        self._created = self._destroyed = self._execs = self._boots = self._restores = 0
+        self._boot_seconds = self._restore_seconds = 0.0
         self._sweep()
 
     @property
@@ -71,13 +74,51 @@ class Runtime:
         engines.select(options.engine, self.kernel.release)  # a missing engine or kernel fails before any work
         image = resolve_image(options.image, self.home.root, progress=self.progress,
                               insecure_registries=self.insecure_registries)
-        box_id = uuid.uuid4().hex
-        box = Box(self, box_id, options, image, created=time.time())
+        box = Box(self, uuid.uuid4().hex, options, image, created=time.time())
+        self._adopt(box)
+        return box
+
+    def _adopt(self, box: Box) -> None:
         box._save()
         with self._lock:
-            self._boxes[box_id] = box
+            self._boxes[box.id] = box
             self._created += 1
-        return box
+
+    def template(self, options: BoxOptions | None = None, *, warmup: snapshot.Warmup | None = None,
+                 key: str = "") -> snapshot.Template:
+        """A snapshot template of a box with these options: booted, warmed up, and saved, once.
+
+        `warmup(box)` runs in the booted template box and returns (execution, data): a command left
+        running (blocked on its stdin, all its output read) that every restored box takes over as
+        `box.warm_execution`, and JSON data kept with the template. `key` names what the warm-up depends
+        on beyond the options (its code, its inputs): a different key is a different template.
+        Templates are kept in the runtime home and rebuilt when anything they depend on changes.
+        """
+        options = (options or BoxOptions()).validated()
+        engine = engines.select(options.engine, self.kernel.release)
+        image = resolve_image(options.image, self.home.root, progress=self.progress,
+                              insecure_registries=self.insecure_registries)
+        snapshot.check_snapshottable(options, image, engine)
+        return snapshot.get_or_build(self, options, image, engine, warmup, key)
+
+    def restore(self, template: snapshot.Template, name: str | None = None) -> Box:
+        """A running box restored from `template`: its RAM shared copy-on-write with the template's, fresh
+        entropy, clock and name. A template that cannot be restored is discarded (the next `template()`
+        call rebuilds it) and BoxError raised."""
+        options = dataclasses.replace(template.options, name=name)
+        box = Box(self, uuid.uuid4().hex, options, template.image, created=time.time())
+        box._template = template
+        self._adopt(box)
+        try:
+            return box.start()
+        except BoxError as exc:
+            box.remove()
+            log.warning("restoring template %s failed (%s): discarding it", template.key[:12], exc)
+            snapshot.discard(template)
+            raise
+        except BaseException:
+            box.remove()
+            raise
 
     def get(self, box_id: str) -> Box:
         """The box with this id (or unique id prefix), live in this process or stopped on disk."""
@@ -128,7 +169,7 @@ class Runtime:
         with self._lock:
             active = sum(1 for b in self._boxes.values() if b.status == "running")
             return RuntimeMetrics(active, self._created, self._destroyed, self._execs, self._boots,
-                                  self._boot_seconds)
+                                  self._boot_seconds, self._restores, self._restore_seconds)
 
     def close(self) -> None:
         """Stop every box this runtime started; remove the ephemeral ones."""
@@ -152,10 +193,14 @@ class Runtime:
         self.close()
 
     # -- accounting, called by boxes -----------------------------------------------------------------
-    def _started(self, box: Box, seconds: float) -> None:
+    def _started(self, box: Box, seconds: float, restored: bool = False) -> None:
         with self._lock:
-            self._boots += 1
-            self._boot_seconds += seconds
+            if restored:
+                self._restores += 1
+                self._restore_seconds += seconds
+            else:
+                self._boots += 1
+                self._boot_seconds += seconds
 
     def _removed(self, box: Box) -> None:
         with self._lock:

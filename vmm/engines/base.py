@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import process
+from ..errors import EngineUnavailable
 from ..options import Port
 
 SOCKET_PATH_BUDGET = 90  # sun_path holds 107 bytes; names like "/fs12.sock" must still fit
@@ -63,6 +64,10 @@ class LaunchSpec:
     network: bool = False
     ports: tuple[Port, ...] = ()
     cmdline_extra: tuple[str, ...] = field(default_factory=tuple)
+    # Snapshots: guest RAM in this file, written through (a template) or mapped copy-on-write (a restore) ...
+    ram_file: Path | None = None
+    # ... restoring the device state saved in this file instead of booting.
+    restore_state: Path | None = None
 
     @property
     def console_log(self) -> Path:
@@ -111,6 +116,11 @@ class VM(abc.ABC):
     def pss_bytes(self) -> int:
         """The VM's processes' proportional share of host memory (pages shared with other VMs split)."""
 
+    def save(self, state: Path) -> None:
+        """Save the running VM's device state to `state` (its RAM is already in the spec's `ram_file`);
+        the VM is left paused, to be killed. Engines without snapshots raise EngineUnavailable."""
+        raise EngineUnavailable(f"{type(self).__name__} cannot save snapshots")
+
     def disk_serial(self, serial: str) -> str:
         """The virtio-blk serial the guest sees for the disk launched with `serial` (the agent finds disks
         by serial). Engines that cannot set serials (libkrun derives them from the file) override this."""
@@ -119,6 +129,7 @@ class VM(abc.ABC):
 
 class Engine(abc.ABC):
     name: str  # "qemu-tcg", "qemu-kvm", "libkrun"
+    snapshots = False  # can save a running VM and restore it (LaunchSpec.ram_file / restore_state)
 
     @abc.abstractmethod
     def launch(self, spec: LaunchSpec) -> VM:

@@ -16,6 +16,7 @@ from .. import process
 from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
 from .base import Engine, LaunchSpec, ProcessVM, Share
+from .qmp import Qmp
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,25 @@ class QemuEngine(Engine):
         self.qemu = qemu
         self.accel = accel
         self.name = f"qemu-{accel}"
+        self.snapshots = True
 
     def describe(self) -> str:
         return f"qemu ({'KVM' if self.accel == 'kvm' else 'TCG, software emulation'})"
 
-    def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path]) -> list[str]:
+    def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path],
+             monitor_fd: int | None = None) -> list[str]:
         machine = "microvm,x-option-roms=off,isa-serial=on"
         args = [self.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
-        if spec.shares:
+        if spec.ram_file is not None:
+            if spec.shares:
+                raise BoxError("a VM with virtiofs shares cannot be snapshotted: give volumes as image files")
+            # DESIGN.md, "Snapshots": a template writes its RAM through to the file; a restored VM maps it
+            # copy-on-write, so that its pages are shared with every other VM restored from it.
+            share = "off" if spec.restore_state else "on"
+            args += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={spec.ram_file},"
+                                f"share={share}"]
+            machine += ",memory-backend=mem"
+        elif spec.shares:
             # vhost-user-fs needs guest RAM the virtiofsd process can map.
             args += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
             machine += ",memory-backend=mem"
@@ -117,6 +129,10 @@ class QemuEngine(Engine):
         for i, (share, sock) in enumerate(zip(spec.shares, share_sockets)):
             args += ["-chardev", f"socket,id=fs{i},path={sock}"]
             args += ["-device", f"vhost-user-fs-device,chardev=fs{i},tag={share.tag}"]
+        if monitor_fd is not None:
+            args += ["-chardev", f"socket,id=mon,fd={monitor_fd}", "-mon", "chardev=mon,mode=control"]
+        if spec.restore_state is not None:
+            args += ["-incoming", "defer"]
         return args
 
     def launch(self, spec: LaunchSpec) -> "QemuVM":
@@ -124,6 +140,11 @@ class QemuEngine(Engine):
         console = ConsoleLog(spec.console_log)
         helpers: list[subprocess.Popen] = []
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        monitor = qemu_monitor = None
+        if spec.ram_file is not None:
+            monitor, qemu_monitor = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pass_fds = [guest_end.fileno(), console.guest_end.fileno()] + ([qemu_monitor.fileno()] if qemu_monitor else [])
+        proc = None
         try:
             sockets = []
             if spec.shares:
@@ -134,25 +155,52 @@ class QemuEngine(Engine):
                 sockets.append(sock)
             for i, (sock, helper) in enumerate(zip(sockets, helpers)):
                 _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
-            argv = self.argv(spec, guest_end.fileno(), console.guest_end.fileno(), sockets)
+            argv = self.argv(spec, guest_end.fileno(), console.guest_end.fileno(), sockets,
+                             qemu_monitor.fileno() if qemu_monitor else None)
             log.debug("starting %s", " ".join(argv))
             proc = process.spawn(
                 argv,
-                pass_fds=(guest_end.fileno(), console.guest_end.fileno()),
+                pass_fds=tuple(pass_fds),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=open(spec.box_dir / "qemu.log", "wb"),
             )
-        except BaseException:
+            if qemu_monitor is not None:
+                qemu_monitor.close()
+                qemu_monitor = None
+            qmp = Qmp(monitor) if monitor is not None else None
+            if qmp is not None and spec.restore_state is not None:
+                _restore(qmp, spec.restore_state)
+        except BaseException as exc:
             host_end.close()
-            for helper in helpers:
+            if monitor is not None:
+                monitor.close()
+            for helper in [proc, *helpers] if proc else helpers:
                 helper.kill()
                 process.reap(helper)
+            if isinstance(exc, BoxError) and proc is not None:
+                raise BoxError(f"{exc}; qemu said: {tail(5, spec.box_dir / 'qemu.log') or 'nothing'}") from None
             raise
         finally:
             guest_end.close()
             console.close_guest_end()
-        return QemuVM(proc, helpers, host_end, console, spec)
+            if qemu_monitor is not None:
+                qemu_monitor.close()
+        return QemuVM(proc, helpers, host_end, console, spec, qmp)
+
+
+MIGRATION_TIMEOUT = 60.0  # saving is ~10 ms and loading ~40 ms (DESIGN.md); a slow disk may take longer
+
+
+def _ignore_shared(qmp: Qmp) -> None:
+    """RAM in the shared file is not copied into the state stream: the state is small, the file is the RAM."""
+    qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+
+def _restore(qmp: Qmp, state: Path) -> None:
+    _ignore_shared(qmp)
+    qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state))}")
+    qmp.wait_migration(MIGRATION_TIMEOUT)
 
 
 def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> subprocess.Popen:
@@ -241,9 +289,25 @@ def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeo
 
 class QemuVM(ProcessVM):
     def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
-                 console: ConsoleLog, spec: LaunchSpec) -> None:
+                 console: ConsoleLog, spec: LaunchSpec, qmp: Qmp | None = None) -> None:
         super().__init__(proc, helpers, channel, spec)
         self.console = console
+        self.qmp = qmp
+
+    def save(self, state: Path) -> None:
+        if self.qmp is None:
+            raise BoxError("this VM was not started for snapshots (LaunchSpec.ram_file)")
+        # Not stopped first: the migration pauses the VM at its end, and restored copies start running.
+        tmp = state.with_name(state.name + ".tmp")
+        _ignore_shared(self.qmp)
+        self.qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
+        self.qmp.wait_migration(MIGRATION_TIMEOUT)
+        os.replace(tmp, state)
+
+    def kill(self) -> None:
+        super().kill()
+        if self.qmp is not None:
+            self.qmp.close()
 
     def console_tail(self, lines: int = 30) -> str:
         if self.proc.poll() is not None:

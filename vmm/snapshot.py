@@ -1,0 +1,172 @@
+"""Snapshot templates: a VM booted and warmed up once, saved, then restored copy-on-write for every box.
+
+A template is a directory in the runtime home, named by a key over everything its saved state depends on
+(image, volumes, resources, kernel, agent, qemu, and what the caller's warm-up did). Its files:
+`ram` (the guest's RAM, written through while the template VM ran), `state` (qemu's device state, small)
+and `template.json` (written last: a directory without it is an unfinished build). Processes sharing the
+runtime home build each template once, under a file lock; a template that fails its checks is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
+
+from . import agent, engines, kernel
+from .box import Box
+from .errors import BoxError, ConfigError
+from .execution import Execution, ExecutionState
+from .images import ResolvedImage
+from .options import BoxOptions
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # of the files below; part of every key
+# A warm-up: given the running template box, start what every restored box should find running (or None),
+# and return it with any JSON data the restored boxes' users need (e.g. what the warm-up learned).
+Warmup = Callable[[Box], "tuple[Execution | None, Any]"]
+
+
+@dataclass(frozen=True)
+class Template:
+    key: str
+    directory: Path
+    options: BoxOptions
+    image: ResolvedImage
+    next_stream: int  # the first channel stream id free in restored boxes
+    warm: ExecutionState | None  # the warm-up's command, still running in every restored box
+    data: Any  # what the warm-up returned
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+
+def check_snapshottable(options: BoxOptions, image: ResolvedImage, engine: engines.Engine) -> None:
+    """ConfigError unless boxes of these options can be snapshotted, saying what to change."""
+    if not engine.snapshots:
+        raise ConfigError(f"the {engine.name} engine cannot snapshot VMs; use engine='qemu'")
+    if options.disk_size_gb is not None:
+        raise ConfigError("a box with a persistent disk (disk_size_gb) cannot be a snapshot template")
+    if image.tree is not None:
+        raise ConfigError("the host image is shared through virtiofs, which cannot be snapshotted")
+    for vol in options.volumes:
+        if not Path(vol.host).is_file():
+            raise ConfigError(f"volume {vol.host}:{vol.guest}: virtiofs shares cannot be snapshotted; give "
+                              "the volume as an ext4 image file (vmm.volumes.directory_image)")
+
+
+def _stat(path: Path | str) -> list[Any]:
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+                 extra: str) -> str:
+    """A digest of everything a template's saved RAM and devices depend on: change any, get a new template."""
+    boot = kernel.boot_files(runtime.home.kernels, runtime.kernel)
+    engine_binary = getattr(engine, "qemu", None)
+    parts = {
+        "format": FORMAT,
+        "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove")},
+        "image": [image.ref, image.digest, _stat(image.base) if image.base else None],
+        "volumes": [_stat(v.host) for v in options.volumes],
+        "kernel": [_stat(boot.vmlinux), _stat(boot.initramfs)],
+        "agent": _stat(agent.binary()),
+        "engine": [engine.name, _stat(engine_binary) if engine_binary else None],
+        "extra": extra,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -> Template | None:
+    """The template in `directory`, or None if it is missing, unfinished or damaged."""
+    try:
+        meta = json.loads((directory / "template.json").read_text())
+        template = Template(key, directory, options, image, int(meta["next_stream"]),
+                            ExecutionState(**{**meta["warm"], "args": tuple(meta["warm"]["args"])})
+                            if meta["warm"] else None, meta["data"])
+        ram_ok = template.ram.stat().st_size == options.memory_mib << 20
+        state_ok = hashlib.sha256(template.state.read_bytes()).hexdigest() == meta["state_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if directory.exists():
+            log.warning("snapshot template %s is unreadable (%s): rebuilding it", directory, exc)
+        return None
+    if not (ram_ok and state_ok and meta.get("key") == key):
+        log.warning("snapshot template %s is damaged (its RAM or state file changed): rebuilding it", directory)
+        return None
+    return template
+
+
+def get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+                 warmup: Warmup | None, extra: str) -> Template:
+    key = template_key(runtime, options, image, engine, extra)
+    directory = runtime.home.templates / key[:32]
+    template = load(directory, key, options, image)
+    if template is not None:
+        return template
+    with FileLock(str(directory) + ".lock"):
+        template = load(directory, key, options, image)  # another process built it while we waited
+        if template is not None:
+            return template
+        shutil.rmtree(directory, ignore_errors=True)
+        return _build(runtime, options, image, warmup, key, directory)
+
+
+def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
+           directory: Path) -> Template:
+    started = time.monotonic()
+    if runtime.progress:
+        runtime.progress(f"building a snapshot template ({options.image or 'default'} image; boot and warm-up, "
+                         "once for as long as nothing it depends on changes)")
+    work = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    work.mkdir(parents=True)
+    box = Box(runtime, uuid.uuid4().hex, options, image, created=time.time())
+    box._ram_file = work / "ram"
+    runtime._adopt(box)
+    try:
+        box.start()
+        execution, data = warmup(box) if warmup else (None, None)
+        warm = execution.state() if execution is not None else None
+        next_stream = box._snapshot(work / "state")
+        meta = {"key": key, "next_stream": next_stream, "warm": asdict(warm) if warm else None, "data": data,
+                "state_sha256": hashlib.sha256((work / "state").read_bytes()).hexdigest(),
+                "built": time.time(), "build_seconds": time.monotonic() - started}
+        (work / "template.json").write_text(json.dumps(meta, indent=1))
+        os.rename(work, directory)
+    except BaseException:
+        box.remove()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("built snapshot template %s in %.1f s", key[:12], time.monotonic() - started)
+    if runtime.progress:
+        runtime.progress(f"snapshot template ready ({time.monotonic() - started:.1f} s)")
+    template = load(directory, key, options, image)
+    if template is None:
+        raise BoxError(f"the snapshot template just built in {directory} does not check out; is the disk full?")
+    return template
+
+
+def discard(template: Template) -> None:
+    """Remove a template that failed to restore (the next get_or_build rebuilds it)."""
+    with FileLock(str(template.directory) + ".lock"):
+        if load(template.directory, template.key, template.options, template.image) == template:
+            shutil.rmtree(template.directory, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""Directories as volume images: an ext4 file of a host directory, for boxes that cannot use virtiofs
+(snapshot templates: a VM whose RAM another process maps cannot be restored copy-on-write).
+
+Images are named by a fingerprint of the tree (paths, modes, sizes, modification times), built once per
+fingerprint and shared by processes through the same file lock as image bases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import ConfigError
+from .images.ext4 import Progress, build_ext4_base
+
+log = logging.getLogger(__name__)
+
+
+def _walk(src: Path, exclude: frozenset[str]) -> Iterable[tuple[str, os.stat_result]]:
+    """(path relative to `src`, lstat) of everything below `src`, minus what is below excluded paths: an
+    excluded directory stays, empty (another volume may be mounted on it)."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = sorted(os.scandir(src / rel), key=lambda e: e.name)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {src / rel} to make a volume image of it: {exc}") from None
+        for entry in entries:
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            st = entry.stat(follow_symlinks=False)
+            if path in exclude and not stat.S_ISDIR(st.st_mode):
+                continue
+            yield path, st
+            if stat.S_ISDIR(st.st_mode) and path not in exclude:
+                stack.append(path)
+
+
+def fingerprint(src: Path, exclude: frozenset[str] = frozenset()) -> str:
+    digest = hashlib.sha256(str(src).encode())
+    for path, st in _walk(src, exclude):
+        if path in exclude:  # an empty directory in the image, whatever it holds on the host
+            digest.update(f"\0{path}".encode())
+            continue
+        link = os.readlink(src / path) if stat.S_ISLNK(st.st_mode) else ""
+        digest.update(f"\0{path}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{link}".encode())
+    return digest.hexdigest()
+
+
+def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[str] = (),
+                    progress: Progress | None = None) -> Path:
+    """An ext4 image of the directory `src` (minus `exclude`: paths below `src`), built unless cached.
+
+    Files changed while the image is built may or may not be in it; the fingerprint of the next call sees
+    the change and builds a new image.
+    """
+    src = Path(src).resolve()
+    if not src.is_dir():
+        raise ConfigError(f"{src} is not a directory: cannot make a volume image of it")
+    skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in exclude)
+    dest = home / "images" / "volumes" / f"{fingerprint(src, skip)}.ext4"
+    if dest.exists():
+        return dest
+    if not skip:
+        return build_ext4_base(src, dest, progress)
+    staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
+    try:
+        _stage(src, staging, skip)
+        return build_ext4_base(staging, dest, progress)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stage(src: Path, staging: Path, skip: frozenset[str]) -> None:
+    """The tree minus `skip`, as hard links where the file system allows (else copies)."""
+    staging.mkdir(parents=True)
+    shutil.copystat(src, staging)
+    dirs = []
+    for path, st in _walk(src, skip):
+        source, target = src / path, staging / path
+        if stat.S_ISDIR(st.st_mode):
+            target.mkdir()
+            dirs.append((source, target))
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), target)
+        elif stat.S_ISREG(st.st_mode):
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        # sockets, fifos and devices in a project tree are left out
+    for source, target in reversed(dirs):  # after their contents: creating entries changed their mtimes
+        shutil.copystat(source, target)
