@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/boot.py
 	$(PY) bench/exec_roundtrip.py
 	$(PY) bench/idle_rss.py
+	$(PY) bench/snapshot.py
 	$(PY) bench/plugin_suite.py
 	$(PY) bench/pull.py
 	$(PY) bench/cached_create.py

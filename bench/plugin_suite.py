@@ -3,12 +3,15 @@
   (a) plain pytest on the host
   (b) the same suite run by pytest inside one box (boot not counted: `box.exec("python3", "-m", "pytest")`)
   (c) `pytest --boxlite` with scope="module": one box and one worker for the whole module
-  (d) `pytest --boxlite` with scope="test": a fresh VM (and worker) per test, on the first N tests only
-      (`--fresh N`, default 8: under TCG each costs seconds; the figure is per test either way)
+  (d) `pytest --boxlite` with scope="test": a fresh VM per test, each restored from a snapshot template
+      (boot, `import pytest` and collection paid once, when the template is built: run once to build it,
+      then `--repeat` times with it cached)
+  (e) the same with `--boxlite-no-snapshots`: every VM booted, on the first N tests only (`--fresh N`,
+      default 4: under TCG each costs seconds; the figure is per test either way)
 
-(a)-(c) run `--repeat` times (default 3), interleaved; the figures are medians.
+(a)-(d) run `--repeat` times (default 3), interleaved; the figures are medians.
 
-Prints the per-test overhead of (c) over (b) (the relay's cost) and of (d) (what memory snapshots will attack).
+Prints the per-test overhead of (c) and (d) over (b): the relay's cost, and a fresh VM's.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def inside_one_box(directory: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", type=int, default=200)
-    parser.add_argument("--fresh", type=int, default=8, help="tests run with scope=test (a VM each)")
+    parser.add_argument("--fresh", type=int, default=4, help="tests run with scope=test and booted VMs")
     parser.add_argument("--repeat", type=int, default=3, help="runs of (a), (b), (c), interleaved; medians")
     options = parser.parse_args()
     n = options.tests
@@ -83,7 +86,9 @@ def main() -> None:
         write_suite(directory, n)
         # Interleaved, so that a slow spell of the machine hits (b) and (c) alike; guest pytest start-up
         # varies by seconds under TCG, which is tens of ms per test over 200 tests.
-        hosts, boots, in_boxes, modules = [], [], [], []
+        hosts, boots, in_boxes, modules, clones = [], [], [], [], []
+        print(f"(d) pytest --boxlite, scope=test, {n} tests: building the snapshot template", flush=True)
+        build = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test")
         for run in range(1, options.repeat + 1):
             print(f"run {run}/{options.repeat}", flush=True)
             print(f"(a) plain pytest on the host, {n} tests", flush=True)
@@ -94,9 +99,11 @@ def main() -> None:
             in_boxes.append(in_box)
             print(f"(c) pytest --boxlite, scope=module, {n} tests", flush=True)
             modules.append(run_pytest(directory, "--boxlite", "-o", "boxlite_scope=module"))
-        host, boot, in_box, module = (statistics.median(v) for v in (hosts, boots, in_boxes, modules))
-        print(f"(d) pytest --boxlite, scope=test, first {options.fresh} tests", flush=True)
-        fresh = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test",
+            print(f"(d) pytest --boxlite, scope=test (snapshots), {n} tests", flush=True)
+            clones.append(run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test"))
+        host, boot, in_box, module, clone = (statistics.median(v) for v in (hosts, boots, in_boxes, modules, clones))
+        print(f"(e) pytest --boxlite --boxlite-no-snapshots, scope=test, first {options.fresh} tests", flush=True)
+        fresh = run_pytest(directory, "--boxlite", "--boxlite-no-snapshots", "-o", "boxlite_scope=test",
                            *[f"test_trivial.py::test_{i}" for i in range(options.fresh)])
     print()
     print(f"medians of {options.repeat} interleaved runs; (c) runs: {', '.join(f'{m:.2f}' for m in modules)} s, "
@@ -104,11 +111,15 @@ def main() -> None:
     print(f"(a) host:              {host:7.2f} s  ({host / n * 1000:.1f} ms per test, python start included)")
     print(f"(b) inside one box:    {in_box:7.2f} s  (+ {boot:.2f} s boot)")
     print(f"(c) --boxlite module:  {module:7.2f} s")
-    print(f"(d) --boxlite test:    {fresh:7.2f} s  for {options.fresh} tests")
+    print(f"(d) --boxlite test:    {clone:7.2f} s  (the run that built the template: {build:.2f} s); "
+          f"runs: {', '.join(f'{c:.2f}' for c in clones)} s")
+    print(f"(e) no snapshots:      {fresh:7.2f} s  for {options.fresh} tests")
     relay = (module - host - boot - in_box) / n
     print(f"per-test overhead of (c) over (b): {relay * 1000:.1f} ms "
           f"((c) - (b) - boot - the host's own pytest start, / {n})")
-    print(f"per test with a fresh VM (d): {fresh / options.fresh:.2f} s")
+    print(f"per-test overhead of (d) over (b): {(clone - host - in_box) / n * 1000:.1f} ms "
+          f"(a fresh VM per test: (d) - (b) - the host's own pytest start, / {n})")
+    print(f"per test with a booted fresh VM (e): {fresh / options.fresh:.2f} s")
 
 
 if __name__ == "__main__":

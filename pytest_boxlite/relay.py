@@ -243,10 +243,12 @@ class Worker:
             raise self.lost(f"the worker answered {kind!r} to its items")
         return rest[0], rest[1]
 
-    def run(self, index: int, timeout: float, alone: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list (`alone`: and no other, all fixtures torn down after it);
-        yields ("report" | "warning", data) as they come."""
-        self.send(("run", index, alone))
+    def run(self, index: int, timeout: float,
+            alone: Mapping[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Run item `index` of this worker's list; yields ("report" | "warning", data) as they come.
+        `alone` (a worker restored from a snapshot): run no other item after it; it holds this run's values
+        of what the snapshot's may differ in (`workerinput` under pytest-xdist)."""
+        self.send(("run", index, dict(alone) if alone is not None else None))
         deadline = time.monotonic() + timeout
         while True:
             kind, *rest = self.receive(max(0.0, deadline - time.monotonic()), "running the test")

@@ -35,8 +35,11 @@ class Reporting:
             engine = f"unavailable ({str(exc).splitlines()[0]})"
         mode = "every test in a box" if session.settings.enabled else "marked tests in boxes"
         profile = f", profile {session.settings.profile}" if session.settings.profile else ""
+        snapshots = ""
+        if settings.scope == "test":
+            snapshots = ", snapshots " + ("on" if session.snapshots_possible(settings) else "off")
         return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
-                f"{profile}, scope {settings.scope}, pool {session.pool.size}")
+                f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:
@@ -55,11 +58,16 @@ class Reporting:
         session = self.session
         if session is None or not session.stats.tests and not session.pool.stats.started:
             return
-        pool, stats = session.pool.stats, session.stats
-        booted = max(pool.started, 1)
-        terminalreporter.write_sep(
-            "-", f"boxlite: {stats.tests} tests in boxes, {pool.started} boxes booted "
-                 f"({pool.boot_seconds:.1f} s booting and starting pytest, {pool.boot_seconds / booted:.1f} s "
-                 f"each), {stats.reused} tests in reused boxes, {pool.waited_seconds:.1f} s waited for boxes")
+        pool, stats, vms = session.pool.stats, session.stats, session.runtime.metrics()
+        parts = [f"boxlite: {stats.tests} tests in boxes"]
+        if vms.restores:
+            parts.append(f"{vms.restores} boxes restored from snapshots "
+                         f"({vms.restore_seconds / vms.restores * 1000:.0f} ms each)")
+        if vms.templates_built:
+            parts.append(f"{vms.templates_built} snapshot templates built ({vms.template_seconds:.1f} s)")
+        if vms.boots:
+            parts.append(f"{vms.boots} boxes booted ({vms.boot_seconds / vms.boots:.1f} s each)")
+        parts.append(f"{stats.reused} tests in reused boxes, {pool.waited_seconds:.1f} s waited for boxes")
+        terminalreporter.write_sep("-", ", ".join(parts))
         for directory in stats.kept:
             terminalreporter.write_line(f"boxlite: kept the box of a failed test: {directory}")

@@ -31,6 +31,7 @@ from vmm.volumes import directory_image
 from .config import SessionConfig, Settings, marker_arguments
 from .pool import Pool
 from .relay import WORKER_SOURCE, Worker, WorkerLost, WorkerTimeout, site_directories
+from .worker import GUEST_OVERRIDES
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class BoxliteSession:
                 self.errors[item.nodeid] = str(exc)
                 continue
             key: Hashable = settings.box_key()
-            if self._snapshots_possible(settings):
+            if self.snapshots_possible(settings):
                 key = (SNAPSHOT, key)  # its boxes are restored clones: a pool of their own
                 self._snapshot_items.setdefault(key, []).append(item)
             self._kinds.setdefault(key, settings)
@@ -117,7 +118,7 @@ class BoxliteSession:
             self.pool.expect(unit.key)
         log.debug("%d boxed tests in %d units", len(self.units), len(units))
 
-    def _snapshots_possible(self, settings: Settings) -> bool:
+    def snapshots_possible(self, settings: Settings) -> bool:
         """Whether boxes of `settings` can be clones of a snapshot template (else each one boots)."""
         if settings.scope != "test" or not settings.snapshots or settings.volumes or settings.image == "host":
             return False
@@ -206,8 +207,11 @@ class BoxliteSession:
                 missing, errors = worker.begin(payload)
                 return worker.execution, worker.snapshot_data(payload["nodeids"], missing, errors)
 
-            # Everything the warm-up's result depends on beyond the box: the unit, the worker's code.
-            extra = json.dumps([payload, env, cwd, PLUGIN_VERSION, WORKER_SOURCE], sort_keys=True, default=str)
+            # Everything the warm-up's result depends on beyond the box: the unit, the worker's code. Not the
+            # run's id under pytest-xdist (new every run): each test gets this run's (Worker.run's `alone`).
+            stable = {**payload, "workerinput": {k: v for k, v in (payload["workerinput"] or {}).items()
+                                                 if k != "testrunuid"}}
+            extra = json.dumps([stable, env, cwd, PLUGIN_VERSION, WORKER_SOURCE], sort_keys=True, default=str)
             try:
                 template = self.runtime.template(self.box_options(self._kinds[key], images=True), warmup=warmup,
                                                  key=extra)
@@ -244,9 +248,10 @@ class BoxliteSession:
                 if worker.items_run:
                     self.stats.reused += 1
                 self.stats.tests += 1
-                position, alone = index - unit.offset, False
+                position, alone = index - unit.offset, None
                 if worker.positions is not None:
-                    position, alone = worker.positions[item.nodeid], True
+                    position = worker.positions[item.nodeid]
+                    alone = {"workerinput": _builtins(getattr(self.config, "workerinput", None))}
                 for kind, data in worker.run(position, unit.settings.timeout, alone):
                     if kind == "warning":
                         self._replay_warning(data)
@@ -296,8 +301,9 @@ class BoxliteSession:
         args += list(dict.fromkeys(str(item.path) for item in items))
         return {
             # The guest parses its own args: the host's positional ones and argparse internals stay here.
+            # Not what the guest overrides: a snapshot template's key holds these, and they vary per run.
             "option": {k: v for k, v in _builtins(vars(config.option)).items()
-                       if k != "file_or_dir" and not k.startswith("_")},
+                       if k != "file_or_dir" and not k.startswith("_") and k not in GUEST_OVERRIDES},
             "args": args,
             "nodeids": [item.nodeid for item in items],
             "cwd": str(invocation if invocation.is_relative_to(rootpath) else rootpath),

@@ -5,8 +5,9 @@ has paid for that before a test needs it, then waits for its unit of work:
 
     host -> guest  {"option": {...}, "args": [...], "nodeids": [...], "rootdir": ..., "workerinput": ...}
     guest -> host  ("collected", missing_nodeids, failed_collect_reports)
-    host -> guest  ("run", index[, alone])  guest -> host  ("report"|"warning", data)... then ("done", index)
-                   alone: in a VM restored from a snapshot taken after collection, to run this item only
+    host -> guest  ("run", index, alone)    guest -> host  ("report"|"warning", data)... then ("done", index)
+                   alone: None, or in a VM restored from a snapshot taken after collection, to run this item
+                   only: {"workerinput": this run's, which may differ from the snapshot's}
     host -> guest  ("stop",)                guest -> host  ("finished", exit_status)
 
 Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
@@ -81,13 +82,15 @@ class WorkerPlugin:
             command = self.channel.receive()
             if command[0] == "stop":
                 return True
-            index, alone = command[1], len(command) > 2 and command[2]
+            index, alone = command[1], command[2]
             item = items[index]
-            if alone:  # a VM restored from a snapshot, for this item only: its own random state, all teardown
-                random.seed()
+            if alone is not None:  # a VM restored from a snapshot, for this item only
+                random.seed()  # not the snapshot's random state, shared by every VM restored from it
+                if alone["workerinput"] is not None:
+                    self.config.workerinput.update(alone["workerinput"])  # type: ignore[attr-defined]
             if item is not None:
                 # The next item this worker will run decides which fixtures are torn down after this one.
-                nextitem = None if alone else next((i for i in items[index + 1:] if i is not None), None)
+                nextitem = None if alone is not None else next((i for i in items[index + 1:] if i is not None), None)
                 item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             self.channel.send(("done", index))
 

@@ -141,7 +141,7 @@ def test_bad_options_fail_before_any_vm(runtime, tmp_path):
         (dict(cpus=4096), "cpus=4096 is out of range"),
         (dict(cpus="2"), "cpus must be an integer"),
         (dict(engine="vmware"), "engine='vmware': choose one of"),
-        (dict(volumes=(f"{tmp_path}/missing:/x",)), "is not a directory on the host"),
+        (dict(volumes=(f"{tmp_path}/missing:/x",)), "is neither a directory nor an ext4 image file"),
         (dict(volumes=(f"{tmp_path}:relative",)), "guest path must be absolute"),
         (dict(volumes=(f"{tmp_path}:/x:rx",)), "mode must be 'ro', 'rw' or 'cow'"),
         (dict(ports=("80",)), "write it as HOST:GUEST"),

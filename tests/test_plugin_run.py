@@ -238,15 +238,20 @@ def test_ctrl_c_during_a_boxed_run_leaves_nothing(pytester, child_env):
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "--boxlite", "-s", "-p", "no:cacheprovider"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=pytester.path,
                             env=child_env, preexec_fn=_default_sigint)  # noqa: PLW1509 - before threads
-    for line in proc.stdout:
-        if "STARTED" in line:  # echoed from the guest's stdout with -s
-            break
-    else:
-        pytest.fail("the boxed test never started")
-    started = set(vm_processes("")) - before  # this run's qemu and virtiofsd processes
-    assert any("qemu-system" in p for p in started) and any("virtiofsd" in p for p in started), started
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=120)[0]
+    try:
+        for line in proc.stdout:
+            if "STARTED" in line:  # echoed from the guest's stdout with -s
+                break
+        else:
+            pytest.fail("the boxed test never started")
+        started = set(vm_processes("")) - before  # this run's qemu (and virtiofsd, for booted boxes) processes
+        assert any("qemu-system" in p for p in started), started
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the test failed before its Ctrl-C: leave nothing running
+            proc.communicate()
     assert "KeyboardInterrupt" in rest
     deadline = time.monotonic() + 30
     while started & set(vm_processes("")):

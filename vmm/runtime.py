@@ -34,6 +34,8 @@ class RuntimeMetrics:
     boot_seconds: float
     restores: int = 0  # boxes started from a snapshot template instead of booted
     restore_seconds: float = 0.0
+    templates_built: int = 0
+    template_seconds: float = 0.0  # building them: boot, warm-up, save
 
 
 class Runtime:
@@ -53,6 +55,7 @@ class Runtime:
         self._boxes: dict[str, Box] = {}
         self._created = self._destroyed = self._execs = self._boots = self._restores = 0
         self._boot_seconds = self._restore_seconds = 0.0
+        self._templates_built, self._template_seconds = 0, 0.0
         self._sweep()
 
     @property
@@ -169,7 +172,8 @@ class Runtime:
         with self._lock:
             active = sum(1 for b in self._boxes.values() if b.status == "running")
             return RuntimeMetrics(active, self._created, self._destroyed, self._execs, self._boots,
-                                  self._boot_seconds, self._restores, self._restore_seconds)
+                                  self._boot_seconds, self._restores, self._restore_seconds,
+                                  self._templates_built, self._template_seconds)
 
     def close(self) -> None:
         """Stop every box this runtime started; remove the ephemeral ones."""
@@ -201,6 +205,11 @@ class Runtime:
             else:
                 self._boots += 1
                 self._boot_seconds += seconds
+
+    def _template_built(self, seconds: float) -> None:
+        with self._lock:
+            self._templates_built += 1
+            self._template_seconds += seconds
 
     def _removed(self, box: Box) -> None:
         with self._lock:

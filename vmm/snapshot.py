@@ -113,6 +113,7 @@ def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -
     if not (ram_ok and state_ok and meta.get("key") == key):
         log.warning("snapshot template %s is damaged (its RAM or state file changed): rebuilding it", directory)
         return None
+    os.utime(directory / "template.json")  # last used: what `boxlite images prune` goes by
     return template
 
 
@@ -157,6 +158,7 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
         shutil.rmtree(work, ignore_errors=True)
         raise
     log.info("built snapshot template %s in %.1f s", key[:12], time.monotonic() - started)
+    runtime._template_built(time.monotonic() - started)
     if runtime.progress:
         runtime.progress(f"snapshot template ready ({time.monotonic() - started:.1f} s)")
     template = load(directory, key, options, image)
@@ -165,8 +167,24 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
     return template
 
 
+def prune(templates: Path, max_age_s: float) -> int:
+    """Remove templates (and unfinished builds) unused for `max_age_s` seconds; the bytes freed.
+    Boxes restored from a removed template keep running: their qemu maps the file it opened."""
+    freed = 0
+    for directory in templates.iterdir():
+        if not directory.is_dir():
+            continue
+        marker = directory / "template.json"
+        used = (marker if marker.exists() else directory).stat().st_mtime
+        if time.time() - used < max_age_s:
+            continue
+        with FileLock(str(directory).split(".tmp-")[0] + ".lock"):
+            freed += sum(f.stat().st_blocks * 512 for f in directory.iterdir())
+            shutil.rmtree(directory, ignore_errors=True)
+    return freed
+
+
 def discard(template: Template) -> None:
     """Remove a template that failed to restore (the next get_or_build rebuilds it)."""
     with FileLock(str(template.directory) + ".lock"):
-        if load(template.directory, template.key, template.options, template.image) == template:
-            shutil.rmtree(template.directory, ignore_errors=True)
+        shutil.rmtree(template.directory, ignore_errors=True)

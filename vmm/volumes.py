@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,17 +65,41 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
     if not src.is_dir():
         raise ConfigError(f"{src} is not a directory: cannot make a volume image of it")
     skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in exclude)
-    dest = home / "images" / "volumes" / f"{fingerprint(src, skip)}.ext4"
-    if dest.exists():
-        return dest
-    if not skip:
-        return build_ext4_base(src, dest, progress)
-    staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
-    try:
-        _stage(src, staging, skip)
-        return build_ext4_base(staging, dest, progress)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    dest = volume_dir(home) / f"{fingerprint(src, skip)}.ext4"
+    if not dest.exists():
+        if skip:
+            staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
+            try:
+                _stage(src, staging, skip)
+                build_ext4_base(staging, dest, progress)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            build_ext4_base(src, dest, progress)
+    # Last used, for `boxlite images prune`: beside the image, whose own times are part of template keys.
+    _used_marker(dest).touch()
+    return dest
+
+
+def _used_marker(image: Path) -> Path:
+    return image.with_name(image.name + ".used")
+
+
+def volume_dir(home: Path) -> Path:
+    return home / "images" / "volumes"
+
+
+def prune(home: Path, max_age_s: float) -> int:
+    """Remove volume images unused for `max_age_s` seconds; the bytes freed."""
+    freed = 0
+    directory = volume_dir(home)
+    for path in directory.glob("*.ext4") if directory.exists() else ():
+        marker = _used_marker(path)
+        if time.time() - (marker if marker.exists() else path).stat().st_mtime >= max_age_s:
+            freed += path.stat().st_blocks * 512
+            path.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+    return freed
 
 
 def _stage(src: Path, staging: Path, skip: frozenset[str]) -> None:

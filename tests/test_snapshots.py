@@ -1,0 +1,190 @@
+"""Snapshot templates and the boxes restored from them, with real VMs (TCG here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmm import BoxError, BoxOptions, ConfigError, Runtime
+from vmm.volumes import directory_image
+
+from .conftest import vm_processes
+
+OPTIONS = BoxOptions(memory_mib=256, network=False)
+# A warm command like the plugin's worker: started in the template, blocked on stdin, taken over by clones.
+WARM = ("python3", "-c", "import os, random, sys; print('warm', flush=True); line = sys.stdin.readline(); "
+                         "print(line.strip(), os.urandom(8).hex(), random.random(), flush=True)")
+
+
+def warmup(box):
+    execution = box.spawn(*WARM)
+    assert next(iter(execution.stdout)) == b"warm\n"
+    return execution, {"warmed": box.id}
+
+
+@pytest.fixture(scope="module")
+def template(runtime):
+    return runtime.template(OPTIONS, warmup=warmup, key="tests.test_snapshots")
+
+
+@pytest.fixture
+def clone(runtime, template):
+    box = runtime.restore(template)
+    yield box
+    box.remove()
+
+
+def guest_random(box) -> tuple[str, str]:
+    bytes_ = box.exec("sh", "-c", "head -c 16 /dev/urandom | od -An -tx1").stdout.decode().split()
+    python = box.exec("python3", "-c", "import uuid, random; print(uuid.uuid4(), random.random())").stdout.decode()
+    return "".join(bytes_), python
+
+
+def test_clones_have_distinct_entropy_and_identity(runtime, template):
+    boxes = [runtime.restore(template) for _ in range(2)]
+    try:
+        first, second = (guest_random(b) for b in boxes)
+        assert first[0] != second[0]  # kernel RNG
+        assert first[1] != second[1]  # uuid.uuid4() and random in a new python
+        names = [b.exec("hostname").stdout.strip() for b in boxes]
+        assert names[0] != names[1] and names[0].decode() == f"box-{boxes[0].id[:8]}"
+    finally:
+        for box in boxes:
+            box.remove()
+
+
+def test_warm_command_taken_over_with_its_own_randomness(runtime, template):
+    outputs = []
+    for _ in range(2):
+        box = runtime.restore(template)
+        try:
+            execution = box.warm_execution
+            execution.stdin.write(b"hello\n")
+            execution.stdin.close()
+            outputs.append(execution.stdout.read().decode().split())
+            assert execution.wait() == 0
+        finally:
+            box.remove()
+    assert outputs[0][0] == outputs[1][0] == "hello"
+    assert outputs[0][1] != outputs[1][1]  # os.urandom in a process started before the snapshot
+    assert template.data == {"warmed": template.data["warmed"]}
+
+
+def test_clock_is_the_hosts(clone):
+    before = time.time()
+    guest = float(clone.exec("date", "+%s.%N").stdout)
+    after = time.time()
+    assert before - 1 <= guest <= after + 1
+
+
+STATE = "cat /root/file; grep -l '^sleep$' /proc/[0-9]*/comm; cat /proc/sys/kernel/sysrq"
+
+
+def test_each_clone_starts_pristine(runtime, template):
+    box = runtime.restore(template)
+    try:
+        pristine = box.exec("sh", "-c", STATE).stdout
+        box.exec("sh", "-c", "echo dirty > /root/file; (sleep 1000 &); echo 0 > /proc/sys/kernel/sysrq")
+        assert box.exec("sh", "-c", STATE).stdout != pristine  # the changes took
+    finally:
+        box.remove()
+    box = runtime.restore(template)
+    try:
+        assert box.exec("sh", "-c", STATE).stdout == pristine
+    finally:
+        box.remove()
+
+
+def test_templates_are_cached_and_keyed(runtime, template):
+    again = runtime.template(OPTIONS, warmup=pytest.fail, key="tests.test_snapshots")  # found, not rebuilt
+    assert again.directory == template.directory
+    other = runtime.template(OPTIONS, key="another key")
+    assert other.directory != template.directory
+
+
+def test_damaged_template_is_rebuilt(tmp_path):
+    with Runtime(tmp_path / "home") as rt:
+        calls = []
+
+        def counting(box):
+            calls.append(box.id)
+            return None, len(calls)
+
+        first = rt.template(OPTIONS, warmup=counting)
+        first.state.write_bytes(b"garbage" + first.state.read_bytes()[7:])
+        second = rt.template(OPTIONS, warmup=counting)
+        assert len(calls) == 2 and second.data == 2
+        os.truncate(second.ram, 4096)  # a RAM file cut short
+        third = rt.template(OPTIONS, warmup=counting)
+        assert len(calls) == 3
+        box = rt.restore(third)
+        assert box.exec("echo", "ok").stdout == b"ok\n"
+        box.remove()
+
+
+def test_restore_failure_discards_the_template(tmp_path):
+    with Runtime(tmp_path / "home") as rt:
+        template = rt.template(OPTIONS)
+        # Damaged after it was found and checked: qemu cannot load it.
+        template.state.write_bytes(b"not a migration stream")
+        with pytest.raises(BoxError, match="migration"):
+            rt.restore(template)
+        assert not template.directory.exists()  # the next template() call rebuilds it
+        assert not vm_processes(str(tmp_path))
+
+
+CONCURRENT = """
+import sys, time
+from vmm import BoxOptions, Runtime
+def warm(box):
+    with open(sys.argv[1], "a") as f:
+        f.write("built\\n")
+    time.sleep(1)
+    return None, None
+with Runtime() as rt:
+    print(rt.template(BoxOptions(memory_mib=256, network=False), warmup=warm, key="concurrent").directory)
+"""
+
+
+def test_concurrent_processes_build_one_template(tmp_path, child_env):
+    child_env["BOXLITE_HOME"] = str(tmp_path / "home")
+    log = tmp_path / "builds"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(log)], env=child_env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1]
+    assert log.read_text() == "built\n"
+
+
+def test_virtiofs_volumes_are_refused(runtime, tmp_path):
+    with pytest.raises(ConfigError, match="image file"):
+        runtime.template(BoxOptions(volumes=((str(tmp_path), "/data"),)))
+
+
+def test_image_file_volumes(runtime, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hello.txt").write_text("hello")
+    (tmp_path / "data" / "skip").mkdir()
+    (tmp_path / "data" / "skip" / "secret").write_text("no")
+    image = directory_image(tmp_path / "data", runtime.home.root, exclude=["skip"])
+    assert directory_image(tmp_path / "data", runtime.home.root, exclude=["skip"]) == image  # cached
+    template = runtime.template(BoxOptions(memory_mib=256, network=False, volumes=((str(image), "/data", "cow"),)))
+    box = runtime.restore(template)
+    try:
+        result = box.exec("sh", "-c", "cat /data/hello.txt; ls -A /data/skip; echo more > /data/new; cat /data/new")
+        assert result.stdout == b"hellomore\n"
+    finally:
+        box.remove()
+    assert not (tmp_path / "data" / "new").exists()
+
+
+def test_layout_has_no_leftovers(template):
+    assert sorted(p.name for p in template.directory.iterdir()) == ["ram", "state", "template.json"]
+    assert not list(Path(template.directory.parent).glob("*.tmp-*"))
+
