@@ -42,22 +42,27 @@ def box_options(request: pytest.FixtureRequest) -> BoxOptions:
 
 
 @pytest.fixture
-def box(boxlite_runtime: Runtime, box_options: BoxOptions) -> Iterator[Box]:
-    """A fresh, running box for this test; stopped and removed after it."""
-    with boxlite_runtime.create(box_options) as started:
+def box(request: pytest.FixtureRequest, box_options: BoxOptions) -> Iterator[Box]:
+    """A fresh, running box for this test (restored from a snapshot where it can be); removed after it."""
+    started = _session(request.config).fresh_box(box_options)
+    try:
         yield started
+    finally:
+        started.remove()
 
 
 @pytest.fixture
-def box_factory(boxlite_runtime: Runtime, box_options: BoxOptions) -> Iterator[Callable[..., Box]]:
+def box_factory(request: pytest.FixtureRequest, box_options: BoxOptions) -> Iterator[Callable[..., Box]]:
     """`box_factory(**overrides)` starts another box (options: `box_options` with the overrides);
-    every box it made is stopped after the test."""
+    every box it made is removed after the test."""
+    session = _session(request.config)
     # ExitStack removes every box even when removing one fails, then raises that failure.
     with contextlib.ExitStack() as cleanup:
 
         def make(**overrides: Any) -> Box:
-            created = boxlite_runtime.create(box_options, **overrides)
+            options = BoxOptions.from_dict({**box_options.to_dict(), **overrides}) if overrides else box_options
+            created = session.fresh_box(options)
             cleanup.callback(created.remove)
-            return created.start()
+            return created
 
         yield make

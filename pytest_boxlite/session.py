@@ -169,6 +169,23 @@ class BoxliteSession:
             box.remove()
             raise
 
+    def fresh_box(self, options: BoxOptions) -> Box:
+        """A running box for the `box` fixtures: restored from a snapshot template of these options (built
+        at the first use) where snapshots are on and the options allow it, else booted."""
+        if self.settings.settings().snapshots:
+            try:
+                template = self.runtime.template(options)
+            except ConfigError as exc:  # directory volumes, a persistent disk, the host image, libkrun
+                log.debug("box fixture booted, not restored: %s", exc)
+            else:
+                return self.runtime.restore(template)
+        box = self.runtime.create(options)
+        try:
+            return box.start()
+        except BaseException:
+            box.remove()
+            raise
+
     @staticmethod
     def _worker_env() -> dict[str, str]:
         paths = os.pathsep.join(site_directories())

@@ -43,7 +43,7 @@ def test_precedence_marker_over_command_line_over_ini_over_yaml(pytester):
         "*OPTIONS dir:/from-cli 1 300 False [[]('WHO', 'yaml')[]]",
         "*MARKER dir:/from-cli 400 [[]('WHO', 'marker')[]]",
         "*PROFILE dir:/from-cli 300 1",  # the marker's profile sits under the command line and ini
-        "boxlite: marked tests in boxes, engine *, image dir:/from-cli, scope test, pool *",
+        "boxlite: marked tests in boxes, engine *, image dir:/from-cli, scope test, snapshots *, pool *",
     ])
 
 
@@ -94,15 +94,36 @@ def test_a_bad_marker_argument_is_an_error_on_that_test_only(pytester):
     ])
 
 
+@pytest.mark.parametrize("source, expected", [
+    ({}, "on"),
+    ({"args": "--boxlite-no-snapshots"}, "off"),
+    ({"ini": "[pytest]\nboxlite_snapshots = false\n"}, "off"),
+    ({"yaml": "profiles:\n  default: {snapshots: false}\n"}, "off"),
+    ({"ini": "[pytest]\nboxlite_scope = module\n"}, None),  # only scope=test boxes are restored
+])
+def test_snapshots_setting(pytester, source, expected):
+    if "ini" in source:
+        pytester.makeini(source["ini"])
+    if "yaml" in source:
+        pytester.makefile(".yaml", boxlite=source["yaml"])
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--boxlite", "--collect-only", *source.get("args", "").split())
+    header = [line for line in result.outlines if line.startswith("boxlite:")][0]
+    if expected is None:
+        assert "snapshots" not in header
+    else:
+        assert f"snapshots {expected}," in header
+
+
 def test_help_documents_every_option_and_ini_key(pytester):
     result = pytester.runpytest("--help")
     text = result.stdout.str()
     for option in ("--boxlite", "--boxlite-image", "--boxlite-profile", "--boxlite-engine", "--boxlite-timeout",
-                   "--boxlite-keep", "--boxlite-config"):
-        assert f"{option} " in text or f"{option}=" in text, option
+                   "--boxlite-keep", "--boxlite-config", "--boxlite-no-snapshots"):
+        assert f"{option} " in text or f"{option}=" in text or f"{option}\n" in text, option
     for key in ("boxlite_image", "boxlite_profile", "boxlite_engine", "boxlite_timeout", "boxlite_keep",
                 "boxlite_config", "boxlite_cpus", "boxlite_memory_mib", "boxlite_network", "boxlite_scope",
-                "boxlite_pool_size"):
+                "boxlite_pool_size", "boxlite_snapshots"):
         assert f"  {key} " in text, key
     markers = pytester.runpytest("--markers").stdout.str()
     assert "@pytest.mark.boxlite(image=None, profile=None" in markers
