@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "guest" / "build" / "boxlite-agent"
 
-HELLO, SETUP, READY = 0x01, 0x02, 0x03
+HELLO, SETUP, READY, RESUME = 0x01, 0x02, 0x03, 0x04
 EXEC, STARTED, STDIN, STDOUT, STDERR, EXIT, KILL, CREDIT, ERROR = range(0x10, 0x19)
 STAT, PING, PONG, SHUTDOWN = 0x20, 0x21, 0x22, 0x2F
 MAX_PAYLOAD = 65536
@@ -245,6 +245,17 @@ def test_hello_then_setup_ready(agent):
     assert (stream, ftype) == (0, ERROR) and b"already" in payload
     agent.send(0, PING, b"x")
     assert agent.recv() == (0, PONG, b"x")
+
+
+def test_resume_only_after_setup(agent):
+    assert agent.recv()[:2] == (0, HELLO)
+    agent.send(0, RESUME, records(("h", "clone")))
+    stream, ftype, payload = agent.recv()
+    assert (stream, ftype) == (0, ERROR) and payload == b"resume: not set up"
+    agent.send(0, SETUP, records(("r", "root"), ("w", "tmpfs")))
+    assert agent.recv() == (0, READY, b"")
+    agent.send(0, RESUME, records(("h", "clone")))  # a VM restored from a snapshot: any number of times
+    assert agent.recv() == (0, READY, b"")
 
 
 def test_echo_exact_bytes(session):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm import BoxError, BoxOptions, ConfigError, Runtime
+from vmm import AsyncRuntime, BoxError, BoxOptions, ConfigError, Runtime
 from vmm.volumes import directory_image
 
 from .conftest import vm_processes
@@ -73,6 +74,21 @@ def test_warm_command_taken_over_with_its_own_randomness(runtime, template):
     assert outputs[0][0] == outputs[1][0] == "hello"
     assert outputs[0][1] != outputs[1][1]  # os.urandom in a process started before the snapshot
     assert template.data == {"warmed": template.data["warmed"]}
+
+
+def test_async_api_mirrors_the_sync_one(runtime, template):
+    async def main() -> bytes:
+        async with AsyncRuntime(runtime.home.root) as rt:
+            same = await rt.template(OPTIONS, warmup=pytest.fail, key="tests.test_snapshots")
+            assert same.directory == template.directory
+            box = await rt.restore(same)
+            try:
+                await box.warm_execution.stdin.write(b"async\n")
+                return await box.warm_execution.stdout.read()
+            finally:
+                await box.remove()
+
+    assert asyncio.run(main()).startswith(b"async ")
 
 
 def test_clock_is_the_hosts(clone):

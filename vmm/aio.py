@@ -10,6 +10,7 @@ from .box import Box, BoxInfo, BoxMetrics
 from .execution import Execution, ExecResult, _Output
 from .options import BoxOptions
 from .runtime import Runtime, RuntimeMetrics
+from .snapshot import Template
 
 
 class AsyncRuntime:
@@ -20,6 +21,13 @@ class AsyncRuntime:
 
     async def create(self, options: BoxOptions | None = None, **overrides: Any) -> "AsyncBox":
         return AsyncBox(await asyncio.to_thread(self.sync.create, options, **overrides))
+
+    async def template(self, options: BoxOptions | None = None, **kwargs: Any) -> Template:
+        """`Runtime.template()`; the warm-up runs (in a thread) with the sync `Box`."""
+        return await asyncio.to_thread(self.sync.template, options, **kwargs)
+
+    async def restore(self, template: Template, name: str | None = None) -> "AsyncBox":
+        return AsyncBox(await asyncio.to_thread(self.sync.restore, template, name))
 
     async def get(self, box_id: str) -> "AsyncBox":
         return AsyncBox(await asyncio.to_thread(self.sync.get, box_id))
@@ -47,6 +55,12 @@ class AsyncBox:
     def __init__(self, box: Box) -> None:
         self.sync = box
         self.id = box.id
+
+    @property
+    def warm_execution(self) -> "AsyncExecution | None":
+        """A box restored from a snapshot: the template's warm-up command, still running."""
+        execution = self.sync.warm_execution
+        return AsyncExecution(execution) if execution is not None else None
 
     async def start(self) -> "AsyncBox":
         await asyncio.to_thread(self.sync.start)

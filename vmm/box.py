@@ -290,7 +290,10 @@ class Box:
             channel.close()
 
     def stop(self) -> None:
-        """Power the VM off (SIGKILL if it does not within a few seconds). Idempotent."""
+        """Power the VM off (SIGKILL if it does not within a few seconds). Idempotent.
+
+        A box with nothing to write back (no persistent disk, no rw volume) is killed at once: its guest
+        would spend CPU on an orderly poweroff that changes nothing."""
         with self._lock:
             vm, channel = self._vm, self._channel
             if vm is None:
@@ -299,7 +302,7 @@ class Box:
             if self.status == "running":
                 self.status = "stopping"  # the channel's end is expected now, not a crash
             try:
-                if channel is not None and channel.error is None:
+                if channel is not None and channel.error is None and self._writes_back:
                     channel.send(T.SHUTDOWN, 0)
                     vm.wait(STOP_TIMEOUT)
             except BoxError:
@@ -312,6 +315,10 @@ class Box:
                 self._remove_files()
             else:
                 self._save()
+
+    @property
+    def _writes_back(self) -> bool:
+        return self.persistent or any(v.mode == "rw" for v in self.options.volumes)
 
     @property
     def _auto_remove(self) -> bool:
