@@ -123,6 +123,25 @@ def test_templates_are_cached_and_keyed(runtime, template):
     assert other.directory != template.directory
 
 
+def test_a_different_image_digest_is_a_different_template(runtime, tmp_path):
+    root = tmp_path / "root"
+    for name in ("etc", "bin", "usr"):
+        (root / name).mkdir(parents=True)
+    (root / "etc" / "release").write_text("one\n")
+    options = BoxOptions(image=f"dir:{root}", memory_mib=256, network=False)
+    first = runtime.template(options)
+    assert runtime.template(options, warmup=pytest.fail).directory == first.directory
+    (root / "etc" / "release").write_text("two\n")  # the tree's digest changes
+    second = runtime.template(options)
+    assert second.directory != first.directory and second.image.digest != first.image.digest
+    box = runtime.restore(second)
+    try:  # the tree has no programs; copy_out uses the agent's own: the restored box has the new image
+        box.copy_out("/etc/release", tmp_path / "release")
+        assert (tmp_path / "release").read_text() == "two\n"
+    finally:
+        box.remove()
+
+
 def test_damaged_template_is_rebuilt(tmp_path):
     with Runtime(tmp_path / "home") as rt:
         calls = []
