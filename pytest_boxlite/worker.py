@@ -8,6 +8,8 @@ has paid for that before a test needs it, then waits for its unit of work:
     host -> guest  ("run", index, alone)    guest -> host  ("report"|"warning", data)... then ("done", index)
                    alone: None, or in a VM restored from a snapshot taken after collection, to run this item
                    only: {"workerinput": this run's, which may differ from the snapshot's}
+    host -> guest  ("ping",)                guest -> host  ("pong",)
+                   (to a worker restored from a snapshot, before it is handed out)
     host -> guest  ("stop",)                guest -> host  ("finished", exit_status)
 
 Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
@@ -82,6 +84,9 @@ class WorkerPlugin:
             command = self.channel.receive()
             if command[0] == "stop":
                 return True
+            if command[0] == "ping":
+                self.channel.send(("pong",))
+                continue
             index, alone = command[1], command[2]
             item = items[index]
             if alone is not None:  # a VM restored from a snapshot, for this item only
