@@ -47,6 +47,15 @@ def test_precedence_marker_over_command_line_over_ini_over_yaml(pytester):
     ])
 
 
+def write_project(pytester, files):
+    """A one-test project with the given pytest.ini ("ini") and boxlite.yaml ("yaml") texts."""
+    if "ini" in files:
+        pytester.makeini(files["ini"])
+    if "yaml" in files:
+        pytester.makefile(".yaml", boxlite=files["yaml"])
+    pytester.makepyfile("def test_nothing(): pass")
+
+
 @pytest.mark.parametrize("files, message", [
     ({"ini": "[pytest]\nboxlite_memroy = 5\n"}, "*ini key 'boxlite_memroy' is unknown to pytest-boxlite*"),
     ({"ini": "[pytest]\nboxlite_cpus = many\n"}, "*ini boxlite_cpus = 'many': expected a number*"),
@@ -56,11 +65,7 @@ def test_precedence_marker_over_command_line_over_ini_over_yaml(pytester):
     ({"args": "--boxlite-profile=nope"}, "*profile 'nope' is not defined in *boxlite.yaml*"),
 ])
 def test_unknown_keys_and_bad_values_are_usage_errors_naming_the_key(pytester, files, message):
-    if "ini" in files:
-        pytester.makeini(files["ini"])
-    if "yaml" in files:
-        pytester.makefile(".yaml", boxlite=files["yaml"])
-    pytester.makepyfile("def test_nothing(): pass")
+    write_project(pytester, files)
     result = pytester.runpytest(*files.get("args", "").split())
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*pytest-boxlite: {message}"])
@@ -102,11 +107,7 @@ def test_a_bad_marker_argument_is_an_error_on_that_test_only(pytester):
     ({"ini": "[pytest]\nboxlite_scope = module\n"}, None),  # only scope=test boxes are restored
 ])
 def test_snapshots_setting(pytester, source, expected):
-    if "ini" in source:
-        pytester.makeini(source["ini"])
-    if "yaml" in source:
-        pytester.makefile(".yaml", boxlite=source["yaml"])
-    pytester.makepyfile("def test_nothing(): pass")
+    write_project(pytester, source)
     result = pytester.runpytest("--boxlite", "--collect-only", *source.get("args", "").split())
     header = [line for line in result.outlines if line.startswith("boxlite:")][0]
     if expected is None:
