@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import vmm.box
 from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Runtime, Volume
+from vmm.engines.qemu import QemuEngine
 
 
 def test_ephemeral_writes_vanish(runtime):
@@ -130,6 +134,45 @@ def test_guest_panic_is_an_error_with_the_console_tail(runtime):
             box.exec("true")
         box.start()  # a crashed box boots again
         assert box.exec("echo", "back").stdout == b"back\n"
+
+
+def test_a_boot_that_hangs_is_retried(runtime, monkeypatch, caplog, launched):
+    # A watchdog shorter than any boot stands in for the rare early hang (DESIGN.md, "Boot tuning"): the first
+    # VM is killed and a second one boots.
+    monkeypatch.setattr(vmm.box, "BOOT_WATCHDOGS", (0.05, 600.0))
+    with caplog.at_level(logging.WARNING, logger="vmm.box"):
+        with runtime.create(BoxOptions(engine="qemu")) as box:
+            assert box.exec("echo", "up").stdout == b"up\n"
+            assert len(launched) == 2 and not _alive(launched[0].pid)  # the hung attempt's qemu is gone
+    assert "(attempt 1), rebooting" in caplog.text
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The VMs the qemu engine launches during the test."""
+    vms = []
+    launch = QemuEngine.launch
+    monkeypatch.setattr(QemuEngine, "launch", lambda self, spec: vms.append(launch(self, spec)) or vms[-1])
+    return vms
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_box_that_never_boots_is_an_error(runtime, monkeypatch, launched):
+    monkeypatch.setattr(vmm.box, "BOOT_WATCHDOGS", (0.05, 0.05))
+    box = runtime.create(BoxOptions(engine="qemu"))
+    try:
+        with pytest.raises(BoxError, match="did not boot after 2 attempts"):
+            box.start()
+        assert len(launched) == 2 and not any(_alive(vm.pid) for vm in launched)
+    finally:
+        box.remove()
 
 
 def test_bad_options_fail_before_any_vm(runtime, tmp_path):
