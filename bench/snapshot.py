@@ -4,7 +4,8 @@
   medians over `--restores` (default 10) one after another;
 - memory: `--clones` (default 4) restored side by side and idle: host RSS and PSS each (their RAM is the
   template's file mapped copy-on-write, so PSS splits what they share);
-- cold boot to first exec (the path a template build starts with), median of `--boots` (default 5).
+- cold boot to first exec (`snapshots=False`: the path a template build starts with), median of `--boots`
+  (default 5).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
         boots = []
         for _ in range(options.boots):
             started = time.perf_counter()
-            with rt.create(box_options) as box:
+            with rt.create(box_options, snapshots=False) as box:
                 box.exec("true")
                 boots.append(time.perf_counter() - started)
         report("cold create + boot + first exec", boots)

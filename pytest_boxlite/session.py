@@ -16,7 +16,7 @@ import os
 import threading
 import warnings
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import execnet
@@ -152,7 +152,8 @@ class BoxliteSession:
         volumes.sort(key=lambda v: v[1].count("/"))  # a parent is mounted before what is mounted inside it
         options = BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
                              memory_mib=settings.memory_mib, env=dict(settings.env), network=settings.network,
-                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep)
+                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep,
+                             snapshots=settings.snapshots)
         return options.validated()
 
     def _make_worker(self, key: Hashable) -> Worker:
@@ -170,15 +171,10 @@ class BoxliteSession:
             raise
 
     def fresh_box(self, options: BoxOptions) -> Box:
-        """A running box for the `box` fixtures: restored from a snapshot template of these options (built
-        at the first use) where snapshots are on and the options allow it, else booted."""
-        if self.settings.settings().snapshots:
-            try:
-                template = self.runtime.template(options)
-            except ConfigError as exc:  # directory volumes, a persistent disk, the host image, libkrun
-                log.debug("box fixture booted, not restored: %s", exc)
-            else:
-                return self.runtime.restore(template)
+        """A running box for the `box` fixtures: restored from a boot snapshot of these options (saved at the
+        first use) where snapshots are on and the options allow it, else booted (`BoxOptions.snapshots`)."""
+        if not self.settings.settings().snapshots:
+            options = replace(options, snapshots=False)
         box = self.runtime.create(options)
         try:
             return box.start()

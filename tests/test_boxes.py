@@ -140,7 +140,7 @@ def test_a_boot_that_hangs_is_retried(runtime, monkeypatch, caplog, launched):
     # VM is killed and a second one boots.
     monkeypatch.setattr(vmm.box, "BOOT_WATCHDOGS", (0.05, 600.0))
     with caplog.at_level(logging.WARNING, logger="vmm.box"):
-        with runtime.create(BoxOptions(engine="qemu")) as box:
+        with runtime.create(BoxOptions(engine="qemu", snapshots=False)) as box:
             assert box.exec("echo", "up").stdout == b"up\n"
             assert len(launched) == 2 and launched[0].poll() is not None  # the hung attempt's qemu is gone
     assert "(attempt 1), rebooting" in caplog.text
@@ -157,7 +157,7 @@ def launched(monkeypatch):
 
 def test_a_box_that_never_boots_is_an_error(runtime, monkeypatch, launched):
     monkeypatch.setattr(vmm.box, "BOOT_WATCHDOGS", (0.05, 0.05))
-    box = runtime.create(BoxOptions(engine="qemu"))
+    box = runtime.create(BoxOptions(engine="qemu", snapshots=False))
     try:
         with pytest.raises(BoxError, match="did not boot after 2 attempts"):
             box.start()

@@ -12,7 +12,7 @@ from vmm import Runtime
 
 pytest_plugins = ["pytester"]
 
-BUILDING = "*building a snapshot template*"
+BUILDING = "*saving a snapshot template*"
 
 # Host side only (the guest loads this conftest too, where `boxlite_box` is not set on reports): how far the
 # guest's clock at the end of each test is from the host's when its report arrives.

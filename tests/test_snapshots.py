@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -223,3 +226,45 @@ def test_layout_has_no_leftovers(template):
     assert sorted(p.name for p in template.directory.iterdir()) == ["ram", "state", "template.json"]
     assert not list(Path(template.directory.parent).glob("*.tmp-*"))
 
+
+
+# -- boot snapshots: what Box.start() restores instead of booting ------------------------------------------
+
+
+def test_start_restores_a_boot_snapshot(runtime):
+    before = runtime.metrics()
+    boxes = [runtime.create(OPTIONS, env={"N": str(i)}).start() for i in range(2)]
+    try:
+        after = runtime.metrics()
+        built = after.templates_built - before.templates_built  # 1, or 0 if an earlier test saved it
+        assert (after.restores - before.restores, after.boots - before.boots) == (2, built)
+        # Options given with each exec are the box's own, not the snapshot's.
+        assert [b.exec("sh", "-c", "echo $N").stdout for b in boxes] == [b"0\n", b"1\n"]
+        first, second = (guest_random(b) for b in boxes)
+        assert first[0] != second[0] and first[1] != second[1]
+        boxes[0].exec("sh", "-c", "echo dirty > /root/file")
+        assert boxes[1].exec("cat", "/root/file").exit_code != 0
+    finally:
+        for box in boxes:
+            box.remove()
+    with runtime.create(OPTIONS, snapshots=False) as box:
+        assert box.exec("echo", "booted").stdout == b"booted\n"
+    assert runtime.metrics().boots == after.boots + 1
+
+
+def test_a_boot_snapshot_that_fails_to_restore_is_discarded_and_the_box_boots(tmp_path, caplog):
+    with Runtime(tmp_path / "home") as rt:
+        rt.create(OPTIONS).start().remove()  # saves the boot snapshot
+        (directory,) = [p for p in rt.home.templates.iterdir() if p.is_dir()]
+        # Damaged in a way its checks miss (the checksum matches): qemu cannot load it.
+        (directory / "state").write_bytes(b"not a migration stream")
+        meta = json.loads((directory / "template.json").read_text())
+        meta["state_sha256"] = hashlib.sha256(b"not a migration stream").hexdigest()
+        (directory / "template.json").write_text(json.dumps(meta))
+        boots = rt.metrics().boots
+        with caplog.at_level(logging.WARNING, logger="vmm.box"):
+            with rt.create(OPTIONS) as box:
+                assert box.exec("echo", "ok").stdout == b"ok\n"
+        assert "restoring its boot snapshot failed" in caplog.text
+        assert rt.metrics().boots == boots + 1 and not directory.exists()
+    assert not vm_processes(str(tmp_path))

@@ -125,10 +125,18 @@ class Box:
                 self._vm = self._channel = None
             engine = engines.select(self.options.engine, self._runtime.kernel.release)
             boot = kernel.boot_files(self._runtime.home.kernels, self._runtime.kernel)
-            spec = self._launch_spec(boot)
             started = time.monotonic()
-            if self._template is not None:
-                return self._restore(engine, spec, started)
+            if self._template is not None:  # a clone (Runtime.restore): its template's failure is the caller's
+                return self._restore(engine, self._launch_spec(boot, self._template), self._template, started)
+            template = self._runtime._boot_template(self) if self._ram_file is None else None
+            if template is not None:
+                try:
+                    return self._restore(engine, self._launch_spec(boot, template), template, started)
+                except BoxError as exc:
+                    log.warning("box %s: restoring its boot snapshot failed (%s); discarding it and booting",
+                                self.id, exc)
+                    template.discard()
+            spec = self._launch_spec(boot, None)
             for attempt, watchdog in enumerate(BOOT_WATCHDOGS, 1):
                 vm = engine.launch(spec)
                 channel = Channel(vm.channel, self._lost_error_factory(vm))
@@ -152,7 +160,7 @@ class Box:
             log.info("box %s running on %s (%.2f s)", self.id, engine.name, time.monotonic() - started)
             return self
 
-    def _launch_spec(self, boot: kernel.BootFiles) -> LaunchSpec:
+    def _launch_spec(self, boot: kernel.BootFiles, template: "Template | None") -> LaunchSpec:
         disks = []
         shares = []
         if self.image.tree is None:
@@ -172,8 +180,8 @@ class Box:
             box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
             memory_mib=self.options.memory_mib, disks=tuple(disks), shares=tuple(shares),
             network=self.options.network, ports=self.options.ports,
-            ram_file=self._template.ram if self._template else self._ram_file,
-            restore_state=self._template.state if self._template else None,
+            ram_file=template.ram if template else self._ram_file,
+            restore_state=template.state if template else None,
         )
 
     def _upper_disk(self) -> Path:
@@ -232,10 +240,8 @@ class Box:
         if answer != T.READY:
             raise GuestProtocolError(f"box {self.id}: the agent answered {kind.name} with {answer.name}")
 
-    def _restore(self, engine: engines.Engine, spec: LaunchSpec, started: float) -> "Box":
+    def _restore(self, engine: engines.Engine, spec: LaunchSpec, template: "Template", started: float) -> "Box":
         """Start a copy of the template's VM: its RAM copy-on-write, its own channel, console and identity."""
-        template = self._template
-        assert template is not None
         vm = engine.launch(spec)
         channel = Channel(vm.channel, self._lost_error_factory(vm), first_stream=template.next_stream)
         try:

@@ -82,6 +82,10 @@ class BoxOptions:
     auto_remove: bool = True  # remove the box's state when it stops (ignored with a persistent disk)
     engine: str = "auto"
     name: str | None = None
+    # start() restores a saved boot of a box with the same make-up (saved by the first start) instead of
+    # booting; False always boots. Boxes that cannot be snapshotted (virtiofs volumes, a persistent disk,
+    # the host image, libkrun) boot either way.
+    snapshots: bool = True
 
     def validated(self) -> "BoxOptions":
         """A normalised copy (parsed volumes and ports), or ConfigError naming the bad field."""
@@ -92,6 +96,8 @@ class BoxOptions:
         _check_int("memory_mib", self.memory_mib, *MEMORY_RANGE)
         if self.disk_size_gb is not None:
             _check_int("disk_size_gb", self.disk_size_gb, 1, 2048)
+        if not isinstance(self.snapshots, bool):
+            raise ConfigError(f"snapshots must be true or false, not {self.snapshots!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r}: choose one of {', '.join(ENGINES)}")
         if not isinstance(self.env, Mapping):

@@ -117,11 +117,18 @@ class Runtime:
         except BoxError as exc:
             box.remove()
             log.warning("restoring template %s failed (%s): discarding it", template.key[:12], exc)
-            snapshot.discard(template)
+            template.discard()
             raise
         except BaseException:
             box.remove()
             raise
+
+    def _boot_template(self, box: Box) -> snapshot.Template | None:
+        """What `box.start()` restores instead of booting, if its options allow (see BoxOptions.snapshots)."""
+        if not box.options.snapshots:
+            return None
+        engine = engines.select(box.options.engine, self.kernel.release)
+        return snapshot.boot_template(self, box.options, box.image, engine)
 
     def get(self, box_id: str) -> Box:
         """The box with this id (or unique id prefix), live in this process or stopped on disk."""

@@ -9,6 +9,7 @@ runtime home build each template once, under a file lock; a template that fails 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +40,9 @@ FORMAT = 1  # of the files below; part of every key
 # A warm-up: given the running template box, start what every restored box should find running (or None),
 # and return it with any JSON data the restored boxes' users need (e.g. what the warm-up learned).
 Warmup = Callable[[Box], "tuple[Execution | None, Any]"]
+BOOT_KEY = "boot"  # the `extra` of boot templates: a booted box, nothing run in it
+# Given with each exec, not part of the VM: boxes that differ only in these share one boot template.
+EXEC_OPTIONS = {"env": {}, "working_dir": None, "user": None}
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class Template:
     @property
     def state(self) -> Path:
         return self.directory / "state"
+
+    def discard(self) -> None:
+        """Remove a template that failed to restore (the next get_or_build rebuilds it)."""
+        with FileLock(str(self.directory) + ".lock"):
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def check_snapshottable(options: BoxOptions, image: ResolvedImage, engine: engines.Engine) -> None:
@@ -86,7 +95,7 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
     engine_binary = getattr(engine, "qemu", None)
     parts = {
         "format": FORMAT,
-        "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove")},
+        "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove", "snapshots")},
         "image": [image.ref, image.digest, _stat(image.base) if image.base else None],
         "volumes": [_stat(v.host) for v in options.volumes],
         "kernel": [_stat(boot.vmlinux), _stat(boot.initramfs)],
@@ -95,6 +104,18 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
         "extra": extra,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
+                  engine: engines.Engine) -> Template | None:
+    """What `Box.start()` restores instead of booting: a box of these options saved right after it booted
+    (built by the first start). None if such boxes cannot be snapshotted: they boot."""
+    try:
+        check_snapshottable(options, image, engine)
+    except ConfigError as exc:
+        log.debug("boxes of these options boot: %s", exc)
+        return None
+    return get_or_build(runtime, dataclasses.replace(options, **EXEC_OPTIONS), image, engine, None, BOOT_KEY)
 
 
 def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -> Template | None:
@@ -135,9 +156,10 @@ def get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
 def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
            directory: Path) -> Template:
     started = time.monotonic()
+    what = "boot snapshot" if warmup is None else "snapshot template"
     if runtime.progress:
-        runtime.progress(f"building a snapshot template ({options.image or 'default'} image; boot and warm-up, "
-                         "once for as long as nothing it depends on changes)")
+        runtime.progress(f"saving a {what} ({options.image or 'default'} image, {options.cpus} CPU, "
+                         f"{options.memory_mib} MiB; once, for as long as nothing it depends on changes)")
     work = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     work.mkdir(parents=True)
     box = Box(runtime, uuid.uuid4().hex, options, image, created=time.time())
@@ -160,7 +182,7 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
     log.info("built snapshot template %s in %.1f s", key[:12], time.monotonic() - started)
     runtime._template_built(time.monotonic() - started)
     if runtime.progress:
-        runtime.progress(f"snapshot template ready ({time.monotonic() - started:.1f} s)")
+        runtime.progress(f"{what} saved ({time.monotonic() - started:.1f} s)")
     template = load(directory, key, options, image)
     if template is None:
         raise BoxError(f"the snapshot template just built in {directory} does not check out; is the disk full?")
@@ -182,9 +204,3 @@ def prune(templates: Path, max_age_s: float) -> int:
             freed += sum(f.stat().st_blocks * 512 for f in directory.iterdir())
             shutil.rmtree(directory, ignore_errors=True)
     return freed
-
-
-def discard(template: Template) -> None:
-    """Remove a template that failed to restore (the next get_or_build rebuilds it)."""
-    with FileLock(str(template.directory) + ".lock"):
-        shutil.rmtree(template.directory, ignore_errors=True)
