@@ -9,7 +9,8 @@
   (e) the same with `--boxlite-no-snapshots`: every VM booted, on the first N tests only (`--fresh N`,
       default 4: under TCG each costs seconds; the figure is per test either way)
 
-(a)-(d) run `--repeat` times (default 3), interleaved; the figures are medians.
+(a)-(d) run `--repeat` times (default 3), interleaved; the figures are medians. `--relay-only` runs (a)-(c):
+the relay's figure, which needs many tests (`--tests 1000`) to rise above the noise of guest start-up.
 
 Prints the per-test overhead of (c) and (d) over (b): the relay's cost, and a fresh VM's.
 """
@@ -78,8 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", type=int, default=200)
     parser.add_argument("--fresh", type=int, default=4, help="tests run with scope=test and booted VMs")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of (a), (b), (c), interleaved; medians")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (a)-(d), interleaved; medians")
+    parser.add_argument("--relay-only", action="store_true", help="run (a), (b) and (c) only")
     options = parser.parse_args()
+    clones_too = not options.relay_only
     n = options.tests
     with tempfile.TemporaryDirectory(prefix="boxlite-bench-") as tmp:
         directory = Path(tmp)
@@ -87,8 +90,9 @@ def main() -> None:
         # Interleaved, so that a slow spell of the machine hits (b) and (c) alike; guest pytest start-up
         # varies by seconds under TCG, which is tens of ms per test over 200 tests.
         hosts, boots, in_boxes, modules, clones = [], [], [], [], []
-        print(f"(d) pytest --boxlite, scope=test, {n} tests: building the snapshot template", flush=True)
-        build = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test")
+        if clones_too:
+            print(f"(d) pytest --boxlite, scope=test, {n} tests: building the snapshot template", flush=True)
+            build = run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test")
         for run in range(1, options.repeat + 1):
             print(f"run {run}/{options.repeat}", flush=True)
             print(f"(a) plain pytest on the host, {n} tests", flush=True)
@@ -99,28 +103,32 @@ def main() -> None:
             in_boxes.append(in_box)
             print(f"(c) pytest --boxlite, scope=module, {n} tests", flush=True)
             modules.append(run_pytest(directory, "--boxlite", "-o", "boxlite_scope=module"))
-            print(f"(d) pytest --boxlite, scope=test (snapshots), {n} tests", flush=True)
-            clones.append(run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test"))
-        host, boot, in_box, module, clone = (statistics.median(v) for v in (hosts, boots, in_boxes, modules, clones))
-        print(f"(e) pytest --boxlite --boxlite-no-snapshots, scope=test, first {options.fresh} tests", flush=True)
-        fresh = run_pytest(directory, "--boxlite", "--boxlite-no-snapshots", "-o", "boxlite_scope=test",
-                           *[f"test_trivial.py::test_{i}" for i in range(options.fresh)])
+            if clones_too:
+                print(f"(d) pytest --boxlite, scope=test (snapshots), {n} tests", flush=True)
+                clones.append(run_pytest(directory, "--boxlite", "-o", "boxlite_scope=test"))
+        host, boot, in_box, module = (statistics.median(v) for v in (hosts, boots, in_boxes, modules))
+        if clones_too:
+            print(f"(e) pytest --boxlite --boxlite-no-snapshots, scope=test, first {options.fresh} tests", flush=True)
+            fresh = run_pytest(directory, "--boxlite", "--boxlite-no-snapshots", "-o", "boxlite_scope=test",
+                               *[f"test_trivial.py::test_{i}" for i in range(options.fresh)])
     print()
     print(f"medians of {options.repeat} interleaved runs; (c) runs: {', '.join(f'{m:.2f}' for m in modules)} s, "
           f"(b) runs: {', '.join(f'{b:.2f}' for b in in_boxes)} s")
     print(f"(a) host:              {host:7.2f} s  ({host / n * 1000:.1f} ms per test, python start included)")
     print(f"(b) inside one box:    {in_box:7.2f} s  (+ {boot:.2f} s boot)")
     print(f"(c) --boxlite module:  {module:7.2f} s")
-    print(f"(d) --boxlite test:    {clone:7.2f} s  (the run that built the template: {build:.2f} s); "
-          f"runs: {', '.join(f'{c:.2f}' for c in clones)} s")
-    print(f"(e) no snapshots:      {fresh:7.2f} s  for {options.fresh} tests")
+    if clones_too:
+        clone = statistics.median(clones)
+        print(f"(d) --boxlite test:    {clone:7.2f} s  (the run that built the template: {build:.2f} s); "
+              f"runs: {', '.join(f'{c:.2f}' for c in clones)} s")
+        print(f"(e) no snapshots:      {fresh:7.2f} s  for {options.fresh} tests")
     relay = (module - host - boot - in_box) / n
     print(f"per-test overhead of (c) over (b): {relay * 1000:.1f} ms "
           f"((c) - (b) - boot - the host's own pytest start, / {n})")
-    print(f"per-test overhead of (d) over (b): {(clone - host - in_box) / n * 1000:.1f} ms "
-          f"(a fresh VM per test: (d) - (b) - the host's own pytest start, / {n})")
-    print(f"per test with a booted fresh VM (e): {fresh / options.fresh:.2f} s")
-
+    if clones_too:
+        print(f"per-test overhead of (d) over (b): {(clone - host - in_box) / n * 1000:.1f} ms "
+              f"(a fresh VM per test: (d) - (b) - the host's own pytest start, / {n})")
+        print(f"per test with a booted fresh VM (e): {fresh / options.fresh:.2f} s")
 
 if __name__ == "__main__":
     main()

@@ -92,7 +92,6 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
                  extra: str) -> str:
     """A digest of everything a template's saved RAM and devices depend on: change any, get a new template."""
     boot = kernel.boot_files(runtime.home.kernels, runtime.kernel)
-    engine_binary = getattr(engine, "qemu", None)
     parts = {
         "format": FORMAT,
         "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove", "snapshots")},
@@ -100,7 +99,7 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
         "volumes": [_stat(v.host) for v in options.volumes],
         "kernel": [_stat(boot.vmlinux), _stat(boot.initramfs)],
         "agent": _stat(agent.binary()),
-        "engine": [engine.name, _stat(engine_binary) if engine_binary else None],
+        "engine": engine.snapshot_key(),
         "extra": extra,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -138,6 +138,11 @@ class Engine(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def snapshot_key(self) -> list[object]:
+        """What a VM saved by this engine depends on besides the box's options, kernel and agent (its binary,
+        the guest command line, the CPU model): part of every snapshot template's key."""
+        return [self.name]
+
 
 class ProcessVM(VM):
     """A VM that is one host process plus helper processes (passt, virtiofsd): their common lifecycle."""

@@ -38,6 +38,10 @@ CMDLINE = (
 # Under TCG: the x86-64-v2 baseline (images built for it run) plus RDRAND (seeds the guest RNG at boot).
 # Fewer CPU features than `-cpu max` means less for the kernel to probe and patch: ~0.2 s faster boots.
 TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+rdrand"
+# Under TCG, translated code is found again by its virtual address: with address-space randomization every
+# exec maps the loader and libc somewhere new, and they are translated again. Without it (measured) a
+# command starts about 3x faster and python about 20%. The VM isolates the box, not the guest's ASLR.
+TCG_CMDLINE = "norandmaps"
 
 
 def find_qemu() -> str:
@@ -79,6 +83,10 @@ class QemuEngine(Engine):
     def describe(self) -> str:
         return f"qemu ({'KVM' if self.accel == 'kvm' else 'TCG, software emulation'})"
 
+    def snapshot_key(self) -> list[object]:
+        st = os.stat(self.qemu)
+        return [self.name, self.qemu, st.st_size, st.st_mtime_ns, CMDLINE, TCG_CMDLINE, TCG_CPU]
+
     def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path],
              monitor_fd: int | None = None) -> list[str]:
         machine = "microvm,x-option-roms=off,isa-serial=on"
@@ -108,6 +116,7 @@ class QemuEngine(Engine):
         groups = [g for g, wanted in (("net", spec.network), ("fs", spec.shares)) if wanted]
         cmdline = [CMDLINE, *spec.cmdline_extra, f"boxlite.modules={','.join(groups) or 'none'}"]
         if self.accel == "tcg":
+            cmdline.append(TCG_CMDLINE)
             # Under TCG the guest TSC is the host's, and calibrating it against the emulated PIT fails
             # on some hosts (the boot then hangs waiting for timer ticks): tell the guest its frequency.
             khz = host_tsc_khz()
