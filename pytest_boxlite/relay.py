@@ -25,12 +25,15 @@ from execnet import gateway_bootstrap
 from vmm import Box
 from vmm.errors import BoxError, BoxliteError
 
+from .worker import PLAIN_FIELDS
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 600.0  # a worker's python start and `import pytest` (seconds under TCG; the first time more)
 STOP_TIMEOUT = 60.0  # the last teardown and pytest_sessionfinish in the guest
 PING_TIMEOUT = 60.0  # a restored worker's first answer (~0.1 s under TCG)
 STDERR_TAIL = 16 << 10
+PHASES = ("setup", "call", "teardown")
 # Runs in the guest's python, given `channel` by execnet. The host's site directories are processed as such
 # (not just put on sys.path) so that their .pth files, editable installs among them, work as on the host.
 WORKER_SOURCE = """
@@ -253,19 +256,37 @@ class Worker:
 
     def run(self, index: int, timeout: float,
             alone: Mapping[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list; yields ("report" | "warning", data) as they come.
+        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning", data) as they come.
         `alone` (a worker restored from a snapshot): run no other item after it; it holds this run's values
         of what the snapshot's may differ in (`workerinput` under pytest-xdist)."""
         self.send(("run", index, dict(alone) if alone is not None else None))
         deadline = time.monotonic() + timeout
         while True:
-            kind, *rest = self.receive(max(0.0, deadline - time.monotonic()), "running the test")
-            if kind == "done":
-                self.items_run += 1
-                return
-            if kind not in ("report", "warning"):
-                raise self.lost(f"unexpected message {kind!r} from the worker")
-            yield kind, rest[0]
+            message = self.receive(max(0.0, deadline - time.monotonic()), "running the test")
+            if not (isinstance(message, (tuple, list)) and len(message) == 3 and message[0] == "done"):
+                yield self._checked(message)
+                continue
+            if not isinstance(message[2], list):
+                raise self.lost("the worker sent a malformed 'done'")
+            for last in message[2]:  # the test's last report, sent with "done"
+                yield self._checked(last)
+            self.items_run += 1
+            return
+
+    def _checked(self, message: Any) -> tuple[str, Any]:
+        """A report or warning from the worker, its shape checked (the guest is not trusted); "plain" reports
+        as a dict of PLAIN_FIELDS."""
+        if not (isinstance(message, (tuple, list)) and len(message) == 2):
+            raise self.lost(f"the worker sent a malformed message ({type(message).__name__})")
+        kind, data = message
+        if kind == "plain":
+            if not (isinstance(data, list) and len(data) == len(PLAIN_FIELDS) and data[0] in PHASES
+                    and data[1] == "passed" and all(isinstance(v, (int, float)) for v in data[2:])):
+                raise self.lost("the worker sent a malformed report")
+            return kind, dict(zip(PLAIN_FIELDS, data))
+        if kind not in ("report", "warning") or not isinstance(data, dict):
+            raise self.lost(f"unexpected message {str(kind)[:40]!r} from the worker")
+        return kind, data
 
     def finish(self) -> None:
         """Let the worker run its last teardown and end its session (best effort: the box goes anyway).

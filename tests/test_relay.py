@@ -1,0 +1,64 @@
+"""The host side of the relay checks what a worker sends before replaying it: the guest is not trusted.
+No VM here: the worker's channel is a scripted list of messages (the real exchange is in test_plugin_run.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_boxlite.relay import Worker, WorkerLost
+
+
+class ScriptedChannel:
+    """Stands in for the execnet channel to a worker: gives back `messages`, one per receive()."""
+
+    TimeoutError = TimeoutError
+    RemoteError = RuntimeError
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def receive(self, timeout=None):
+        return self.messages.pop(0)
+
+
+def run(*messages):
+    ended = SimpleNamespace(wait=lambda timeout=None: 0)
+    worker = Worker(SimpleNamespace(id="0" * 32), ended, None, ScriptedChannel(messages), False)  # type: ignore[arg-type]
+    return list(worker.run(0, timeout=60.0)), worker
+
+
+def test_plain_reports_and_the_report_sent_with_done():
+    setup = ("plain", ["setup", "passed", 0.5, 10.0, 10.5])
+    teardown = ("plain", ["teardown", "passed", 0.25, 11.0, 11.25])
+    messages, worker = run(setup, ("warning", {"message": "w"}), ("done", 0, [teardown]))
+    assert messages == [
+        ("plain", {"when": "setup", "outcome": "passed", "duration": 0.5, "start": 10.0, "stop": 10.5}),
+        ("warning", {"message": "w"}),
+        ("plain", {"when": "teardown", "outcome": "passed", "duration": 0.25, "start": 11.0, "stop": 11.25}),
+    ]
+    assert worker.items_run == 1 and worker.channel.sent == [("run", 0, None)]
+
+
+@pytest.mark.parametrize("message", [
+    ("plain", ["call", "failed", 0.0, 0.0, 0.0]),  # only passing phases travel plain
+    ("plain", ["exec", "passed", 0.0, 0.0, 0.0]),
+    ("plain", ["call", "passed", "soon", 0.0, 0.0]),
+    ("plain", "call passed"),
+    ("report", ["not", "a", "dict"]),
+    ("shell", "rm -rf /"),
+    ("report",),
+    "done",
+    5,
+    ("done", 0),  # without the list of what comes with it
+    ("done", 0, "teardown"),
+    ("done", 0, [("plain", ["call", "failed", 0.0, 0.0, 0.0])]),
+])
+def test_malformed_messages_end_the_worker(message):
+    with pytest.raises(WorkerLost, match="malformed|unexpected"):
+        run(message)
