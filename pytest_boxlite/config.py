@@ -40,7 +40,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT  # seconds per test, setup and teardown included
     scope: str = "test"  # "test": a fresh VM per test; "module"/"session": one VM reused within that scope
     pool_size: int | None = None  # warm boxes kept per box kind; None: sized to the host
-    snapshots: bool = True  # scope "test": restore each box from a snapshot of a warmed-up one, if possible
+    snapshots: bool = True  # scope=test boxes from a warmed-up template, box fixtures from a boot snapshot
 
     def box_key(self) -> tuple[Any, ...]:
         """What makes two boxes interchangeable (the pool's key)."""
@@ -162,7 +162,8 @@ INI: tuple[tuple[str, str, str, str], ...] = (
     ("boxlite_scope", "", "string", f"box reuse for --boxlite: {', '.join(SCOPES)} (default test)"),
     ("boxlite_pool_size", "", "string", "warm boxes kept ahead per box kind (default: sized to the host)"),
     ("boxlite_snapshots", "boxlite_snapshots", "bool",
-     "scope test: restore each test's VM from a snapshot of a warmed-up one (default true)"),
+     "scope test: restore each test's VM from a snapshot of a warmed-up one, and box fixtures from a boot "
+     "snapshot (default true)"),
 )
 
 
@@ -184,7 +185,7 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--boxlite-config", metavar="PATH", default=None,
                     help=f"path of the profiles file (default: ROOTDIR/{YAML_NAME} if it exists).")
     group.addoption("--boxlite-no-snapshots", dest="boxlite_snapshots", action="store_false", default=None,
-                    help="boot every scope=test box instead of restoring it from a snapshot template "
+                    help="boot every scope=test box and box fixture instead of restoring it from a snapshot "
                          "(slower; for comparison or when snapshots misbehave).")
     for key, _, kind, help_ in INI:
         parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]

@@ -249,10 +249,10 @@ def _snapshot_check(home: Home) -> Check:
     templates = [p for p in home.templates.iterdir() if (p / "template.json").exists()]
     size = sum(f.stat().st_blocks * 512 for p in templates for f in p.iterdir())
     if not engine.snapshots:
-        return Check("snapshots", False, f"not with {engine.name}: scope=test boxes are booted ahead instead",
+        return Check("snapshots", False, f"not with {engine.name}: boxes are booted (scope=test ones ahead of need)",
                      "none needed; engine='qemu' has them", warn_only=True)
-    return Check("snapshots", True, f"{engine.name}: scope=test boxes are restored from templates "
-                                    f"({len(templates)} cached, {human(size)} on disk)")
+    return Check("snapshots", True, f"{engine.name}: boxes are restored from boot snapshots, scope=test ones from "
+                                    f"templates ({len(templates)} cached, {human(size)} on disk)")
 
 
 def _cache_check(home: Home) -> Check:
