@@ -38,7 +38,7 @@ def main() -> None:
         print(f"runtime home: {rt.home.root}")
         with step("preparing the default image (first time: a few minutes)"):
             box = rt.create(BoxOptions(name="demo-one", memory_mib=512, env={"GREETING": "hello from a microVM"}))
-        with step(f"booting box {box.id[:12]}"):
+        with step(f"starting box {box.id[:12]} (restored from a boot snapshot; the first time: booted and saved)"):
             box.start()
         with box:
             with step("python3 in the box"):
@@ -50,7 +50,7 @@ def main() -> None:
             show(box.id[:12], result)
             with tempfile.TemporaryDirectory() as shared:
                 Path(shared, "from-host.txt").write_text("a file shared read-only from the host\n")
-                with step("second box with a read-only volume and no network"):
+                with step("second box with a read-only volume and no network (a virtiofs share: booted)"):
                     other = rt.create(BoxOptions(name="demo-two", network=False, volumes=[(shared, "/data", "ro")]))
                     other.start()
                 with other:
@@ -74,7 +74,7 @@ def main() -> None:
     print(f"host /usr/share untouched: {still_there}")
     m = rt.metrics()
     print(f"done: {m.boxes_created} boxes, {m.boots} boots ({m.boot_seconds / max(1, m.boots):.2f} s each), "
-          f"{m.exec_calls} commands")
+          f"{m.restores} restores ({m.restore_seconds / max(1, m.restores):.2f} s each), {m.exec_calls} commands")
 
 
 if __name__ == "__main__":
