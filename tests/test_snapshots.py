@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -34,6 +33,16 @@ def warmup(box):
 @pytest.fixture(scope="module")
 def template(runtime):
     return runtime.template(OPTIONS, warmup=warmup, key="tests.test_snapshots")
+
+
+@pytest.fixture
+def own_templates(tmp_path, runtime):
+    """A runtime home whose templates are this test's own; its images are the session's (in a new home the
+    default image would be built again: about a minute of mmdebstrap)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "images").symlink_to(runtime.home.images, target_is_directory=True)
+    return home
 
 
 @pytest.fixture
@@ -145,8 +154,8 @@ def test_a_different_image_digest_is_a_different_template(runtime, tmp_path):
         box.remove()
 
 
-def test_damaged_template_is_rebuilt(tmp_path):
-    with Runtime(tmp_path / "home") as rt:
+def test_damaged_template_is_rebuilt(own_templates):
+    with Runtime(own_templates) as rt:
         calls = []
 
         def counting(box):
@@ -165,15 +174,15 @@ def test_damaged_template_is_rebuilt(tmp_path):
         box.remove()
 
 
-def test_restore_failure_discards_the_template(tmp_path):
-    with Runtime(tmp_path / "home") as rt:
+def test_restore_failure_discards_the_template(own_templates):
+    with Runtime(own_templates) as rt:
         template = rt.template(OPTIONS)
         # Damaged after it was found and checked: qemu cannot load it.
         template.state.write_bytes(b"not a migration stream")
         with pytest.raises(BoxError, match="migration"):
             rt.restore(template)
         assert not template.directory.exists()  # the next template() call rebuilds it
-        assert not vm_processes(str(tmp_path))
+        assert not vm_processes(str(own_templates))
 
 
 CONCURRENT = """
@@ -189,8 +198,8 @@ with Runtime() as rt:
 """
 
 
-def test_concurrent_processes_build_one_template(tmp_path, child_env):
-    child_env["BOXLITE_HOME"] = str(tmp_path / "home")
+def test_concurrent_processes_build_one_template(tmp_path, own_templates, child_env):
+    child_env["BOXLITE_HOME"] = str(own_templates)
     log = tmp_path / "builds"
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(log)], env=child_env, stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -224,7 +233,7 @@ def test_image_file_volumes(runtime, tmp_path):
 
 def test_layout_has_no_leftovers(template):
     assert sorted(p.name for p in template.directory.iterdir()) == ["ram", "state", "template.json"]
-    assert not list(Path(template.directory.parent).glob("*.tmp-*"))
+    assert not list(template.directory.parent.glob(f"{template.directory.name}.tmp-*"))
 
 
 
