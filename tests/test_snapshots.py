@@ -262,17 +262,23 @@ def test_start_restores_a_boot_snapshot(runtime):
 
 
 def test_a_boot_snapshot_that_fails_to_restore_is_discarded_and_the_box_boots(runtime, caplog):
-    runtime.create(OPTIONS).start().remove()  # saves the boot snapshot, or finds it
-    template = runtime.template(OPTIONS, key=snapshot.BOOT_KEY)  # the same: a template without warm-up
-    # Damaged in a way its checks miss (the checksum matches): qemu cannot load it.
-    template.state.write_bytes(b"not a migration stream")
-    meta = json.loads((template.directory / "template.json").read_text())
-    meta["state_sha256"] = hashlib.sha256(b"not a migration stream").hexdigest()
-    (template.directory / "template.json").write_text(json.dumps(meta))
-    boots = runtime.metrics().boots
-    with caplog.at_level(logging.WARNING, logger="vmm.box"):
-        with runtime.create(OPTIONS) as box:
+    # A runtime of its own (on the session's home): what it remembers of the failure is not the session's.
+    with Runtime(runtime.home.root) as rt:
+        rt.create(OPTIONS).start().remove()  # saves the boot snapshot, or finds it
+        template = rt.template(OPTIONS, key=snapshot.BOOT_KEY)  # the same: a template without warm-up
+        # Damaged in a way its checks miss (the checksum matches): qemu cannot load it.
+        template.state.write_bytes(b"not a migration stream")
+        meta = json.loads((template.directory / "template.json").read_text())
+        meta["state_sha256"] = hashlib.sha256(b"not a migration stream").hexdigest()
+        (template.directory / "template.json").write_text(json.dumps(meta))
+        boots, built = rt.metrics().boots, rt.metrics().templates_built
+        with caplog.at_level(logging.WARNING, logger="vmm.box"):
+            with rt.create(OPTIONS) as box:
+                assert box.exec("echo", "ok").stdout == b"ok\n"
+                assert not template.directory.exists()
+        assert "restoring its boot snapshot failed" in caplog.text
+        assert rt.metrics().boots == boots + 1
+        # Not saved and tried again by every later box of these options in this runtime: they boot.
+        with rt.create(OPTIONS) as box:
             assert box.exec("echo", "ok").stdout == b"ok\n"
-            assert not template.directory.exists()
-    assert "restoring its boot snapshot failed" in caplog.text
-    assert runtime.metrics().boots == boots + 1
+        assert rt.metrics().boots == boots + 2 and rt.metrics().templates_built == built

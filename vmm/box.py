@@ -133,9 +133,9 @@ class Box:
                 try:
                     return self._restore(engine, self._launch_spec(boot, template), template, started)
                 except BoxError as exc:
-                    log.warning("box %s: restoring its boot snapshot failed (%s); discarding it and booting",
-                                self.id, exc)
-                    template.discard()
+                    log.warning("box %s: restoring its boot snapshot failed (%s); discarding it and booting "
+                                "(and so will the other boxes of these options in this runtime)", self.id, exc)
+                    self._runtime._boot_template_failed(template)
             spec = self._launch_spec(boot, None)
             for attempt, watchdog in enumerate(BOOT_WATCHDOGS, 1):
                 vm = engine.launch(spec)

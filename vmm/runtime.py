@@ -56,6 +56,7 @@ class Runtime:
         self._created = self._destroyed = self._execs = self._boots = self._restores = 0
         self._boot_seconds = self._restore_seconds = 0.0
         self._templates_built, self._template_seconds = 0, 0.0
+        self._unrestorable: set[str] = set()  # keys of boot snapshots that failed to restore: those boxes boot
         self._sweep()
 
     @property
@@ -129,6 +130,11 @@ class Runtime:
             return None
         engine = engines.select(box.options.engine, self.kernel.release)
         return snapshot.boot_template(self, box.options, box.image, engine)
+
+    def _boot_template_failed(self, template: snapshot.Template) -> None:
+        with self._lock:
+            self._unrestorable.add(template.key)
+        template.discard()
 
     def get(self, box_id: str) -> Box:
         """The box with this id (or unique id prefix), live in this process or stopped on disk."""

@@ -114,7 +114,11 @@ def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
     except ConfigError as exc:
         log.debug("boxes of these options boot: %s", exc)
         return None
-    return get_or_build(runtime, dataclasses.replace(options, **EXEC_OPTIONS), image, engine, None, BOOT_KEY)
+    options = dataclasses.replace(options, **EXEC_OPTIONS)
+    key = template_key(runtime, options, image, engine, BOOT_KEY)
+    if key in runtime._unrestorable:
+        return None  # it failed to restore in this runtime: saving it again would most likely fail again
+    return _get_or_build(runtime, options, image, engine, None, key)
 
 
 def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -> Template | None:
@@ -139,7 +143,11 @@ def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -
 
 def get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                  warmup: Warmup | None, extra: str) -> Template:
-    key = template_key(runtime, options, image, engine, extra)
+    return _get_or_build(runtime, options, image, engine, warmup, template_key(runtime, options, image, engine, extra))
+
+
+def _get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+                  warmup: Warmup | None, key: str) -> Template:
     directory = runtime.home.templates / key[:32]
     template = load(directory, key, options, image)
     if template is not None:
