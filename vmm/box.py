@@ -128,7 +128,7 @@ class Box:
             started = time.monotonic()
             if self._template is not None:  # a clone (Runtime.restore): its template's failure is the caller's
                 return self._restore(engine, self._launch_spec(boot, self._template), self._template, started)
-            template = self._runtime._boot_template(self) if self._ram_file is None else None
+            template = self._runtime._boot_template(self, engine) if self._ram_file is None else None
             if template is not None:
                 try:
                     return self._restore(engine, self._launch_spec(boot, template), template, started)

@@ -124,11 +124,11 @@ class Runtime:
             box.remove()
             raise
 
-    def _boot_template(self, box: Box) -> snapshot.Template | None:
-        """What `box.start()` restores instead of booting, if its options allow (see BoxOptions.snapshots)."""
+    def _boot_template(self, box: Box, engine: engines.Engine) -> snapshot.Template | None:
+        """What `box.start()` restores instead of booting on `engine`, if its options allow (see
+        BoxOptions.snapshots)."""
         if not box.options.snapshots:
             return None
-        engine = engines.select(box.options.engine, self.kernel.release)
         return snapshot.boot_template(self, box.options, box.image, engine)
 
     def _boot_template_failed(self, template: snapshot.Template) -> None:
