@@ -130,5 +130,6 @@ def main() -> None:
               f"(a fresh VM per test: (d) - (b) - the host's own pytest start, / {n})")
         print(f"per test with a booted fresh VM (e): {fresh / options.fresh:.2f} s")
 
+
 if __name__ == "__main__":
     main()
