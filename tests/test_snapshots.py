@@ -282,3 +282,24 @@ def test_a_boot_snapshot_that_fails_to_restore_is_discarded_and_the_box_boots(ru
         with rt.create(OPTIONS) as box:
             assert box.exec("echo", "ok").stdout == b"ok\n"
         assert rt.metrics().boots == boots + 2 and rt.metrics().templates_built == built
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs for the templates needs root")
+def test_no_room_for_a_boot_snapshot_the_box_boots_and_a_template_says_why(own_templates, caplog):
+    # Without the check the template's qemu died of SIGBUS when its RAM file hit the full disk, mid-build.
+    templates = own_templates / "templates"
+    templates.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "boxlite-test", str(templates)], check=True)
+    try:
+        with Runtime(own_templates) as rt, caplog.at_level(logging.WARNING, logger="vmm.snapshot"):
+            for _ in range(2):
+                with rt.create(OPTIONS) as box:
+                    assert box.exec("echo", "ok").stdout == b"ok\n"
+            assert rt.metrics().boots == 2 and rt.metrics().templates_built == 0
+            assert caplog.text.count("MiB free") == 1  # said once; the second box booted without trying
+            assert "boot instead" in caplog.text
+            with pytest.raises(BoxError, match="free some space"):
+                rt.template(OPTIONS)
+            assert not list(templates.iterdir())
+    finally:
+        subprocess.run(["umount", str(templates)], check=True)

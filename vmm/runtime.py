@@ -56,7 +56,8 @@ class Runtime:
         self._created = self._destroyed = self._execs = self._boots = self._restores = 0
         self._boot_seconds = self._restore_seconds = 0.0
         self._templates_built, self._template_seconds = 0, 0.0
-        self._unrestorable: set[str] = set()  # keys of boot snapshots that failed to restore: those boxes boot
+        # Keys of boot snapshots that failed to restore, or had no room to be saved: those boxes boot.
+        self._no_boot_snapshot: set[str] = set()
         self._sweep()
 
     @property
@@ -133,7 +134,7 @@ class Runtime:
 
     def _boot_template_failed(self, template: snapshot.Template) -> None:
         with self._lock:
-            self._unrestorable.add(template.key)
+            self._no_boot_snapshot.add(template.key)
         template.discard()
 
     def get(self, box_id: str) -> Box:

@@ -43,6 +43,12 @@ Warmup = Callable[[Box], "tuple[Execution | None, Any]"]
 BOOT_KEY = "boot"  # the `extra` of boot templates: a booted box, nothing run in it
 # Given with each exec, not part of the VM: boxes that differ only in these share one boot template.
 EXEC_OPTIONS = {"env": {}, "working_dir": None, "user": None}
+# Room for the state file and metadata beside the RAM file, which can grow to the box's whole memory.
+SPACE_MARGIN_MIB = 64
+
+
+class NoSpaceForTemplate(BoxError):
+    """The runtime home's disk has too little free space to save a template (checked before building)."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +122,15 @@ def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
         return None
     options = dataclasses.replace(options, **EXEC_OPTIONS)
     key = template_key(runtime, options, image, engine, BOOT_KEY)
-    if key in runtime._unrestorable:
-        return None  # it failed to restore in this runtime: saving it again would most likely fail again
-    return _get_or_build(runtime, options, image, engine, None, key)
+    if key in runtime._no_boot_snapshot:
+        return None  # it failed in this runtime: trying it again would most likely fail again
+    try:
+        return _get_or_build(runtime, options, image, engine, None, key)
+    except NoSpaceForTemplate as exc:
+        log.warning("%s; boxes of these options boot instead", exc)
+        with runtime._lock:
+            runtime._no_boot_snapshot.add(key)
+        return None
 
 
 def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -> Template | None:
@@ -152,12 +164,25 @@ def _get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
     template = load(directory, key, options, image)
     if template is not None:
         return template
+    _check_space(runtime.home.templates, options)
     with FileLock(str(directory) + ".lock"):
         template = load(directory, key, options, image)  # another process built it while we waited
         if template is not None:
             return template
         shutil.rmtree(directory, ignore_errors=True)
         return _build(runtime, options, image, warmup, key, directory)
+
+
+def _check_space(templates: Path, options: BoxOptions) -> None:
+    """NoSpaceForTemplate unless the RAM file can grow to the box's memory: on a full disk qemu would die
+    of SIGBUS in the middle of the build."""
+    free_mib = shutil.disk_usage(templates).free >> 20
+    if free_mib < options.memory_mib + SPACE_MARGIN_MIB:
+        raise NoSpaceForTemplate(
+            f"{templates} has {free_mib} MiB free, and a snapshot of a {options.memory_mib} MiB box needs up to "
+            f"{options.memory_mib + SPACE_MARGIN_MIB} MiB: free some space (`boxlite images prune` removes unused "
+            "templates), or turn snapshots off (BoxOptions.snapshots=False, --boxlite-no-snapshots)"
+        )
 
 
 def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
