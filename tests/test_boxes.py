@@ -221,6 +221,14 @@ def test_async_api_mirrors_the_sync_one(runtime):
     assert stdout == b"async\n" and b"".join(chunks) == b"one\ntwo\n" and code == 0
 
 
+def test_an_idle_guest_stops_its_timer_tick(shared_box):
+    # On a periodic tick (TCG's default CPU model has no always-running APIC timer) an idle box cost the host
+    # 7-8% of a core; tickless, about 1%.
+    timers = shared_box.exec("cat", "/proc/timer_list").stdout.decode()
+    modes = [line.split(":")[1].strip() for line in timers.splitlines() if line.strip().startswith(".nohz_mode")]
+    assert modes and "0" not in modes, timers[:2000]
+
+
 def test_exec_error_in_a_missing_working_dir(shared_box):
     with pytest.raises(ExecError, match="/no/such/dir"):
         shared_box.exec("true", cwd="/no/such/dir")
