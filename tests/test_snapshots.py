@@ -251,6 +251,7 @@ def test_start_restores_a_boot_snapshot(runtime):
         assert [b.exec("sh", "-c", "echo $N").stdout for b in boxes] == [b"0\n", b"1\n"]
         first, second = (guest_random(b) for b in boxes)
         assert first[0] != second[0] and first[1] != second[1]
+        restored_upper = upper_layer(boxes[1])  # the snapshot's warm-up (sh, python) wrote no file
         boxes[0].exec("sh", "-c", "echo dirty > /root/file")
         assert boxes[1].exec("cat", "/root/file").exit_code != 0
     finally:
@@ -258,14 +259,20 @@ def test_start_restores_a_boot_snapshot(runtime):
             box.remove()
     with runtime.create(OPTIONS, snapshots=False) as box:
         assert box.exec("echo", "booted").stdout == b"booted\n"
+        assert upper_layer(box) == restored_upper
     assert runtime.metrics().boots == after.boots + 1
+
+
+def upper_layer(box) -> bytes:
+    """What the box's writes hold: the upper layer of its root overlay, as the agent sees it."""
+    return box.spawn("/bin/busybox", "find", "/upperfs/upper", _root="agent").communicate()[0]
 
 
 def test_a_boot_snapshot_that_fails_to_restore_is_discarded_and_the_box_boots(runtime, caplog):
     # A runtime of its own (on the session's home): what it remembers of the failure is not the session's.
     with Runtime(runtime.home.root) as rt:
         rt.create(OPTIONS).start().remove()  # saves the boot snapshot, or finds it
-        template = rt.template(OPTIONS, key=snapshot.BOOT_KEY)  # the same: a template without warm-up
+        template = rt.template(OPTIONS, key=snapshot.BOOT_KEY)  # the same template (built, so found)
         # Damaged in a way its checks miss (the checksum matches): qemu cannot load it.
         template.state.write_bytes(b"not a migration stream")
         meta = json.loads((template.directory / "template.json").read_text())

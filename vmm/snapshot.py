@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from . import agent, engines, kernel
 from .box import Box
-from .errors import BoxError, ConfigError
+from .errors import BoxError, ConfigError, ExecError
 from .execution import Execution, ExecutionState
 from .images import ResolvedImage
 from .options import BoxOptions
@@ -40,7 +40,11 @@ FORMAT = 1  # of the files below; part of every key
 # A warm-up: given the running template box, start what every restored box should find running (or None),
 # and return it with any JSON data the restored boxes' users need (e.g. what the warm-up learned).
 Warmup = Callable[[Box], "tuple[Execution | None, Any]"]
-BOOT_KEY = "boot"  # the `extra` of boot templates: a booted box, nothing run in it
+# Run in a boot snapshot before it is saved, so that the image's shell, C library and python are in the page
+# cache of every box restored from it: their first commands read nothing from disk (~0.1 s each under TCG).
+BOOT_WARMUP = (("sh", "-c", "true"), ("python3", "-c", "pass"))
+BOOT_WARMUP_TIMEOUT = 60.0
+BOOT_KEY = f"boot {BOOT_WARMUP}"  # the `extra` of boot templates
 # Given with each exec, not part of the VM: boxes that differ only in these share one boot template.
 EXEC_OPTIONS = {"env": {}, "working_dir": None, "user": None}
 # Room for the state file and metadata beside the RAM file, which can grow to the box's whole memory.
@@ -125,12 +129,21 @@ def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
     if key in runtime._no_boot_snapshot:
         return None  # it failed in this runtime: trying it again would most likely fail again
     try:
-        return _get_or_build(runtime, options, image, engine, None, key)
+        return _get_or_build(runtime, options, image, engine, _boot_warmup, key)
     except NoSpaceForTemplate as exc:
         log.warning("%s; boxes of these options boot instead", exc)
         with runtime._lock:
             runtime._no_boot_snapshot.add(key)
         return None
+
+
+def _boot_warmup(box: Box) -> tuple[None, None]:
+    for argv in BOOT_WARMUP:
+        try:  # writing no .pyc files: the box's file system stays as the image has it
+            box.exec(*argv, env={"PYTHONDONTWRITEBYTECODE": "1"}, timeout=BOOT_WARMUP_TIMEOUT)
+        except ExecError as exc:  # an image without it (or one whose python hangs): nothing to warm
+            log.debug("boot snapshot warm-up %s: %s", argv, exc)
+    return None, None
 
 
 def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -> Template | None:
