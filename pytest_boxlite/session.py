@@ -25,7 +25,7 @@ import pytest
 from vmm import Box, BoxOptions, Execution, Runtime
 from vmm.engines import select as select_engine
 from vmm.errors import BoxliteError, ConfigError
-from vmm.snapshot import Template
+from vmm.snapshot import NoSpaceForTemplate, Template
 from vmm.volumes import directory_image
 
 from .config import SessionConfig, Settings, marker_arguments
@@ -73,6 +73,7 @@ class BoxliteSession:
         self._snapshot_items: dict[Hashable, list[pytest.Item]] = {}  # per snapshot kind, in session order
         self._templates: dict[Hashable, Template] = {}
         self._template_locks: dict[Hashable, threading.Lock] = {}
+        self._booted_instead: set[Hashable] = set()  # snapshot kinds whose template had no room on disk
         self._runtime: Runtime | None = None
         self._lock = threading.Lock()
         self._group = execnet.Group(execmodel="thread")
@@ -159,8 +160,15 @@ class BoxliteSession:
     def _make_worker(self, key: Hashable) -> Worker:
         """A box of this kind with a warm worker in it (runs in the pool's threads): restored from the kind's
         snapshot template, or booted, with pytest started in it."""
-        if key in self._snapshot_items:
-            return self._restore_worker(key)
+        if key in self._snapshot_items and key not in self._booted_instead:
+            try:
+                return self._restore_worker(key)
+            except NoSpaceForTemplate as exc:
+                with self._lock:
+                    first = key not in self._booted_instead
+                    self._booted_instead.add(key)
+                if first:  # a slower run beats a failed one; the summary counts the boots
+                    (self.runtime.progress or log.warning)(f"{exc}; booting a box for each of these tests instead")
         options = self.box_options(self._kinds[key])
         box = self.runtime.create(options)
         try:

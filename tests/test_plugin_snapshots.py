@@ -3,7 +3,9 @@ and the host's clock; templates found again, and rebuilt when the project change
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import textwrap
 
 import pytest
@@ -128,3 +130,22 @@ def test_a_crash_in_a_restored_box_is_that_tests_error(pytester):
     result = run(pytester)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*the box crashed while running this test*python exited with status 3*"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs for the templates needs root")
+def test_no_room_for_the_template_boots_a_box_for_each_test_instead(pytester, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "templates").mkdir(parents=True)
+    (home / "images").symlink_to(Runtime().home.images, target_is_directory=True)  # no image rebuilt
+    monkeypatch.setenv("BOXLITE_HOME", str(home))
+    pytester.makepyfile(test_two="def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "boxlite-test", str(home / "templates")], check=True)
+    try:
+        result = run(pytester)
+    finally:
+        subprocess.run(["umount", str(home / "templates")], check=True)
+    result.assert_outcomes(passed=2)
+    assert result.stdout.str().count("MiB free") == 1
+    result.stdout.fnmatch_lines(["*free some space*booting a box for each of these tests instead*",
+                                 "*2 boxes booted*"])
+    assert "restored" not in result.stdout.str()
