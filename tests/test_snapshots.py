@@ -231,6 +231,22 @@ def test_image_file_volumes(runtime, tmp_path):
     assert not (tmp_path / "data" / "new").exists()
 
 
+def test_an_image_of_a_tree_that_holds_the_image_store_leaves_the_store_out(tmp_path):
+    # Found in CI: a runtime home inside the project, reached through a symlink, was copied into its own image.
+    (tmp_path / "project" / "store").mkdir(parents=True)
+    (tmp_path / "project" / "code.py").write_text("x = 1\n")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "images").symlink_to(tmp_path / "project" / "store")
+    image = directory_image(tmp_path / "project", tmp_path / "home", exclude=[".pytest_cache"])  # as the plugin
+
+    def names(directory: str) -> set[str]:
+        listing = subprocess.run(["debugfs", "-R", f"ls -p {directory}", str(image)], capture_output=True,
+                                 text=True).stdout
+        return {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
+
+    assert "code.py" in names("/") and names("/store/volumes") == {".", ".."}  # left empty, like any excluded dir
+
+
 def test_layout_has_no_leftovers(template):
     assert sorted(p.name for p in template.directory.iterdir()) == ["ram", "state", "template.json"]
     assert not list(template.directory.parent.glob(f"{template.directory.name}.tmp-*"))

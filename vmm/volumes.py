@@ -64,8 +64,12 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
     src = Path(src).resolve()
     if not src.is_dir():
         raise ConfigError(f"{src} is not a directory: cannot make a volume image of it")
-    skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in exclude)
-    dest = volume_dir(home) / f"{fingerprint(src, skip)}.ext4"
+    store = volume_dir(home).resolve()
+    # Never the image store (a home inside the tree, or linked there): the image would hold its own staging
+    # copy, which holds it again, and so on.
+    inside = [os.path.relpath(store, src)] if store.is_relative_to(src) else []
+    skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in (*exclude, *inside))
+    dest = store / f"{fingerprint(src, skip)}.ext4"
     if not dest.exists():
         if skip:
             staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
