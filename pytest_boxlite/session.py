@@ -141,7 +141,7 @@ class BoxliteSession:
             def image(path: str, project: bool) -> str:
                 # Left out: what changes on every run (pytest's cache), what is mounted separately (packages
                 # inside it, such as a .venv), a runtime home inside it; and git's objects, but the project's.
-                exclude = [".pytest_cache", *(p for p in (*sites, str(home)) if _inside(p, path))]
+                exclude = [".pytest_cache", *(p for p in (*sites, str(home.resolve())) if _inside(p, path))]
                 if not project:
                     exclude.append(".git")
                 return str(directory_image(path, home, exclude, self.runtime.progress))
