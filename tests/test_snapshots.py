@@ -279,6 +279,13 @@ def test_start_restores_a_boot_snapshot(runtime):
     assert runtime.metrics().boots == after.boots + 1
 
 
+def test_the_first_start_says_it_saves_a_boot_snapshot(own_templates):
+    said = []
+    with Runtime(own_templates, progress=said.append) as rt, rt.create(OPTIONS):
+        pass
+    assert [m.split(" (")[0] for m in said if "snapshot" in m] == ["saving a boot snapshot", "boot snapshot saved"]
+
+
 def upper_layer(box) -> bytes:
     """What the box's writes hold: the upper layer of its root overlay, as the agent sees it."""
     return box.spawn("/bin/busybox", "find", "/upperfs/upper", _root="agent").communicate()[0]

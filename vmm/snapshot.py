@@ -201,7 +201,7 @@ def _check_space(templates: Path, options: BoxOptions) -> None:
 def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
            directory: Path) -> Template:
     started = time.monotonic()
-    what = "boot snapshot" if warmup is None else "snapshot template"
+    what = "boot snapshot" if warmup is _boot_warmup else "snapshot template"
     if runtime.progress:
         runtime.progress(f"saving a {what} ({options.image or 'default'} image, {options.cpus} CPU, "
                          f"{options.memory_mib} MiB; once, for as long as nothing it depends on changes)")
