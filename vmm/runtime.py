@@ -132,9 +132,13 @@ class Runtime:
             return None
         return snapshot.boot_template(self, box.options, box.image, engine)
 
-    def _boot_template_failed(self, template: snapshot.Template) -> None:
+    def _boot_without_snapshot(self, key: str) -> None:
+        """Boxes of this boot snapshot's options boot for the rest of this runtime (it failed once)."""
         with self._lock:
-            self._no_boot_snapshot.add(template.key)
+            self._no_boot_snapshot.add(key)
+
+    def _boot_template_failed(self, template: snapshot.Template) -> None:
+        self._boot_without_snapshot(template.key)
         template.discard()
 
     def get(self, box_id: str) -> Box:

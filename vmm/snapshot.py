@@ -132,8 +132,7 @@ def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
         return _get_or_build(runtime, options, image, engine, _boot_warmup, key)
     except NoSpaceForTemplate as exc:
         log.warning("%s; boxes of these options boot instead", exc)
-        with runtime._lock:
-            runtime._no_boot_snapshot.add(key)
+        runtime._boot_without_snapshot(key)
         return None
 
 
