@@ -3,14 +3,14 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: setup system-packages venv agent image demo test bench clean
+.PHONY: setup system-packages venv image demo test bench clean
 
-setup: system-packages venv agent image
+setup: system-packages venv image
 
 system-packages:
 	@tools/install-system-packages
 
-$(PY): pyproject.toml
+$(PY): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -18,10 +18,8 @@ $(PY): pyproject.toml
 
 venv: $(PY)
 
-agent:
-	$(MAKE) -s -C guest
-
 # The embedded default image (a Debian root filesystem with python3), built once from the host's apt sources.
+# The guest agent is compiled on first use, into the runtime home.
 image: venv
 	$(PY) -m vmm.images.default
 
@@ -44,5 +42,4 @@ bench: setup
 	$(PY) bench/cached_create.py
 
 clean:
-	$(MAKE) -C guest clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build

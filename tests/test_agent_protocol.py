@@ -6,18 +6,16 @@ so these tests check the agent against the written protocol.
 
 import os
 import queue
-import shutil
 import signal
 import struct
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / "guest" / "build" / "boxlite-agent"
+from vmm import agent as vmm_agent
+
 
 HELLO, SETUP, READY, RESUME = 0x01, 0x02, 0x03, 0x04
 EXEC, STARTED, STDIN, STDOUT, STDERR, EXIT, KILL, CREDIT, ERROR = range(0x10, 0x19)
@@ -63,9 +61,9 @@ def rec(payload):
 class Agent:
     """One `boxlite-agent --stdio` with a reader thread that queues incoming frames."""
 
-    def __init__(self):
+    def __init__(self, binary):
         self.proc = subprocess.Popen(
-            [str(AGENT), "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [str(binary), "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         self.frames = queue.Queue()
         self.stderr = b""
@@ -209,16 +207,13 @@ class Session:
 
 @pytest.fixture(scope="session")
 def agent_binary():
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    subprocess.run(["make", "-C", str(ROOT / "guest")], check=True, capture_output=True)
-    assert AGENT.exists()
-    return AGENT
+    """The checkout's guest/agent.c, compiled as the runtime compiles it (into the runtime home)."""
+    return vmm_agent.binary()
 
 
 @pytest.fixture
 def agent(agent_binary):
-    a = Agent()
+    a = Agent(agent_binary)
     yield a
     a.close()
 

@@ -1,47 +1,57 @@
-"""The guest agent binary, built from guest/agent.c by guest/Makefile (make rebuilds it when the source changes)."""
+"""The guest agent binary (PID 1 of every box): `$BOXLITE_AGENT`, else the one the wheel ships, else (a source
+checkout) compiled from guest/agent.c into the runtime home.
+
+Nothing is written beside the package: an installed package's directory may be read-only or shared.
+A checkout's build is named by a digest of its source and compiler command, so a changed agent.c is a new
+binary, and the boot files and snapshots keyed on it are rebuilt.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from filelock import FileLock
 
+from . import agent_build
 from .errors import EngineUnavailable
+from .home import default_home
 
 log = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "guest"
-BINARY = SOURCE_DIR / "build" / "boxlite-agent"
+PACKAGED = Path(__file__).resolve().parent / "bin" / "boxlite-agent"  # put there by setup.py's build_py
+SOURCE = Path(__file__).resolve().parent.parent / "guest" / "agent.c"  # a checkout's (or an sdist's) source
 
 
 def binary() -> Path:
-    """`$BOXLITE_AGENT` if set, else guest/build/boxlite-agent, built or rebuilt as needed (once a process)."""
+    """The agent to boot: `$BOXLITE_AGENT`, the packaged one, or a checkout's, built as needed."""
     if os.environ.get("BOXLITE_AGENT"):
         return Path(os.environ["BOXLITE_AGENT"])
-    return _built()
+    if PACKAGED.is_file():
+        return PACKAGED
+    if SOURCE.is_file():
+        return _built(SOURCE, default_home().expanduser().resolve() / "agent")
+    raise EngineUnavailable(
+        f"pytest-boxlite's guest agent is missing: neither {PACKAGED} (installed from a wheel) nor {SOURCE} "
+        "(a source checkout) exists. Reinstall pytest-boxlite (`pip install --force-reinstall pytest-boxlite`), "
+        "or set BOXLITE_AGENT to an agent binary"
+    )
 
 
-@functools.lru_cache(maxsize=1)
-def _built() -> Path:
-    if not (SOURCE_DIR / "agent.c").is_file():
-        raise EngineUnavailable(f"the guest agent source {SOURCE_DIR / 'agent.c'} is missing: reinstall pytest-boxlite")
-    for tool in ("make", os.environ.get("CC", "cc")):
-        if shutil.which(tool) is None:
-            raise EngineUnavailable(
-                f"`{tool}` is missing, and the guest agent is built from source: "
-                "install the build tools with `sudo apt-get install make gcc libc6-dev` (or run `make setup`)"
-            )
-    BINARY.parent.mkdir(exist_ok=True)
-    with FileLock(str(BINARY.parent / ".build.lock")):
-        done = subprocess.run(["make", "-s", "-C", str(SOURCE_DIR), "build/boxlite-agent"],
-                              capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise EngineUnavailable(
-            f"building the guest agent failed (static linking needs libc6-dev):\n{done.stderr[-2000:]}"
-        )
-    return BINARY
+@functools.lru_cache(maxsize=None)
+def _built(source: Path, directory: Path) -> Path:
+    """Once a process (per home): an edit of agent.c takes effect at the next run."""
+    out = directory / f"boxlite-agent-{agent_build.build_key(source, strict=True)[:16]}"
+    if out.is_file():
+        return out
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / ".build.lock")):
+        if not out.is_file():
+            log.info("compiling the guest agent %s into %s", source, out)
+            try:
+                agent_build.compile_agent(source, out, strict=True)
+            except agent_build.AgentBuildError as exc:
+                raise EngineUnavailable(str(exc)) from None
+    return out
