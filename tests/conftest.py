@@ -44,3 +44,6 @@ def child_env(tmp_path):
 
 # A loopback OCI registry (Debian's docker-registry) with an auth front, for the image tests.
 from tests.oci_registry import oci_env  # noqa: E402,F401
+
+# The package built into a wheel and an sdist, and installed into a fresh venv (tests/installed.py).
+from tests.installed import dists, installed_venv  # noqa: E402,F401

@@ -1,5 +1,5 @@
 """The guest agent binary (PID 1 of every box): `$BOXLITE_AGENT`, else the one the wheel ships, else (a source
-checkout) compiled from guest/agent.c into the runtime home.
+checkout) compiled from guest/agent.c into the runtime home ($BOXLITE_HOME, else the default one).
 
 Nothing is written beside the package: an installed package's directory may be read-only or shared.
 A checkout's build is named by a digest of its source and compiler command, so a changed agent.c is a new
@@ -8,7 +8,6 @@ binary, and the boot files and snapshots keyed on it are rebuilt.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from .home import default_home
 log = logging.getLogger(__name__)
 
 PACKAGED = Path(__file__).resolve().parent / "bin" / "boxlite-agent"  # put there by setup.py's build_py
-SOURCE = Path(__file__).resolve().parent.parent / "guest" / "agent.c"  # a checkout's (or an sdist's) source
+SOURCE = Path(__file__).resolve().parent.parent / "guest" / "agent.c"  # a source checkout (editable install)
 
 
 def binary() -> Path:
@@ -32,7 +31,7 @@ def binary() -> Path:
     if PACKAGED.is_file():
         return PACKAGED
     if SOURCE.is_file():
-        return _built(SOURCE, default_home().expanduser().resolve() / "agent")
+        return compiled(SOURCE, default_home().expanduser().resolve() / "agent")
     raise EngineUnavailable(
         f"pytest-boxlite's guest agent is missing: neither {PACKAGED} (installed from a wheel) nor {SOURCE} "
         "(a source checkout) exists. Reinstall pytest-boxlite (`pip install --force-reinstall pytest-boxlite`), "
@@ -40,9 +39,9 @@ def binary() -> Path:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _built(source: Path, directory: Path) -> Path:
-    """Once a process (per home): an edit of agent.c takes effect at the next run."""
+def compiled(source: Path, directory: Path) -> Path:
+    """`source` compiled into `directory`, once: the binary is named by a digest of the source and the compiler
+    command, so an edited agent.c is compiled again (hashing ~60 KB per call costs well under a millisecond)."""
     out = directory / f"boxlite-agent-{agent_build.build_key(source, strict=True)[:16]}"
     if out.is_file():
         return out
