@@ -18,10 +18,11 @@ $(PY): pyproject.toml setup.py
 
 venv: $(PY)
 
-# The embedded default image (a Debian root filesystem with python3), built once from the host's apt sources.
-# The guest agent is compiled on first use, into the runtime home.
+# What a user's `boxlite setup` does after the packages: the embedded default image (a Debian root filesystem with
+# python3, built once from the host's apt sources), its boot snapshot (the guest agent is compiled on the way,
+# into the runtime home), then `boxlite doctor`.
 image: venv
-	$(PY) -m vmm.images.default
+	$(VENV)/bin/boxlite setup --no-install
 
 # The runtime demo, then the plugin's: examples/ run with every test in a microVM; the host is checked after.
 demo: setup

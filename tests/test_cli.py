@@ -76,6 +76,7 @@ def test_doctor(tmp_path: Path) -> None:
     assert "snapshots" in result.stdout and "restored from boot snapshots" in result.stdout  # qemu here
     failed = [line for line in lines if line.startswith("FAIL")]
     assert result.returncode == (1 if failed else 0), result.stdout
+    assert lines[-1].startswith("not ready: fix what FAIL says" if failed else "ready: this host runs boxes")
     if failed:  # every failure says how to fix it
         assert "fix:" in result.stdout
 

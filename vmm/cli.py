@@ -5,6 +5,7 @@
     boxlite images rm REF...
     boxlite images prune [--older-than DAYS] [--max-size GB]
     boxlite doctor
+    boxlite setup [--no-install]
 
 This module prints; the library it calls only logs.
 """
@@ -283,7 +284,71 @@ def cmd_doctor(args: argparse.Namespace, home: Home) -> int:
         if not c.ok and c.fix:
             print(f"      {' ' * width}  fix: {c.fix}")
     # no hardware KVM is a slow path, not a failure: everything else must pass
-    return 0 if all(c.ok or c.warn_only for c in checks) else 1
+    if all(c.ok or c.warn_only for c in checks):
+        slow = [c.name for c in checks if not c.ok]
+        print("ready: this host runs boxes" + (f" (with warnings: {', '.join(slow)})" if slow else ""))
+        return 0
+    print("not ready: fix what FAIL says above, then run `boxlite doctor` again")
+    return 1
+
+
+# ---------------------------------------------------------------- setup
+
+SETUP_MISSING_PACKAGES = 3  # exit status: system packages are missing and were not installed
+
+
+def cmd_setup(args: argparse.Namespace, home: Home) -> int:
+    """The one command after `pip install`: system packages, the default image, its boot snapshot, doctor."""
+    from vmm import agent, engines, hostpackages
+
+    def step(text: str) -> None:
+        print(f"\n== {text}", flush=True)
+
+    try:
+        kvm = engines.kvm_status()
+        print(f"virtualization: {'KVM' if kvm.usable else 'none usable, VMs run under TCG (slower)'} ({kvm.reason})")
+        step("system packages")
+        # The wheel ships the agent; a checkout or an sdist compiles it, which needs a C toolchain.
+        agent_ships = bool(os.environ.get("BOXLITE_AGENT")) or agent.PACKAGED.is_file()
+        groups = (hostpackages.RUNTIME,) if agent_ships else (hostpackages.RUNTIME, hostpackages.AGENT)
+        install = hostpackages.is_root() and not args.no_install
+        if not hostpackages.ensure(groups, install, lambda text: print(text, flush=True)):
+            print("then run `boxlite setup` again", file=sys.stderr)
+            return SETUP_MISSING_PACKAGES
+        step("the default image")
+        _setup_image(home)
+        step("its boot snapshot")
+        _setup_boot_snapshot(home)
+        step("boxlite doctor")
+        return cmd_doctor(args, home)
+    except KeyboardInterrupt:
+        # Images, kernels and snapshots are built beside their final place and renamed in when whole.
+        print("\ninterrupted: nothing half-built is kept; run `boxlite setup` again (if apt-get was interrupted, "
+              "`sudo dpkg --configure -a` first)", file=sys.stderr)
+        return 130
+
+
+def _setup_image(home: Home) -> None:
+    from vmm.images import resolve_image
+
+    started = time.monotonic()
+    image = resolve_image("default", home.root, progress=lambda text: print(text, flush=True))
+    print(f"default image: {image.digest} ({time.monotonic() - started:.1f} s)")
+
+
+def _setup_boot_snapshot(home: Home) -> None:
+    """A box of the default options, started once: its first start boots and saves the boot snapshot that
+    later boxes of those options restore."""
+    from vmm import BoxOptions, Runtime
+
+    started = time.monotonic()
+    with Runtime(home.root, progress=lambda text: print(text, flush=True)) as runtime:
+        with runtime.create(BoxOptions()) as box:
+            box.exec("true", timeout=60)
+        metrics = runtime.metrics()
+    how = "restored from it" if metrics.templates_built == 0 else "saved it, then restored a box from it"
+    print(f"boot snapshot: {how} ({time.monotonic() - started:.1f} s)" if metrics.restores
+          else f"boot snapshot: none (this engine boots every box; {time.monotonic() - started:.1f} s)")
 
 
 # ---------------------------------------------------------------- entry point
@@ -314,6 +379,15 @@ def parser() -> argparse.ArgumentParser:
                        help="remove least recently used images until the cache is under GB gigabytes")
     prune.set_defaults(func=cmd_prune)
     sub.add_parser("doctor", help="check that this host can run boxes").set_defaults(func=cmd_doctor)
+    setup = sub.add_parser("setup", help="get this host ready: system packages (apt-get, as root), the default "
+                                         "image and its boot snapshot, then doctor",
+                           description="Installs the missing system packages (as root; otherwise prints the "
+                                       "apt-get command and what each package is for, and exits with status 3), "
+                                       "builds the default image and its boot snapshot, and ends with `boxlite "
+                                       "doctor` (exit status 0: ready, 1: not ready or a step failed).")
+    setup.add_argument("--no-install", action="store_true",
+                       help="print the apt-get command for missing packages instead of running it")
+    setup.set_defaults(func=cmd_setup)
     return p
 
 
@@ -328,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the cache is intact and the next pull resumes", file=sys.stderr)
+        print("interrupted; the cache is intact (a pull resumes where it stopped)", file=sys.stderr)
         return 130
 
 
