@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,3 +129,31 @@ def test_interrupted_setup_leaves_nothing_half_built(runtime, tmp_path: Path):
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "boot snapshot: saved it, then restored a box from it" in again.stdout
+
+
+def test_sudo_setup_hands_the_home_to_the_user(runtime, tmp_path: Path):
+    """`sudo boxlite setup` builds as root, then the user who ran sudo owns the home (and runs the boxes), but
+    not the image root trees: their files keep their owners, which the images' ext4 bases copy."""
+    home = tmp_path / "home"
+    images = home / "images"
+    (images / "default").mkdir(parents=True)
+    (images / "bases").symlink_to(runtime.home.images / "bases")  # the session's image, without a rebuild
+    shutil.copy(runtime.home.images / "index.json", images / "index.json")
+    for built in (runtime.home.images / "default").iterdir():
+        if built.is_dir():
+            (images / "default" / built.name).symlink_to(built)
+    tree = images / "default" / "another-release" / "rootfs"  # an image root tree made by root
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "shadow").write_text("root:*:1::::::\n")
+    nobody = pwd.getpwnam("nobody")
+    done = subprocess.run([sys.executable, "-m", "vmm.cli", "--home", str(home), "setup"], cwd=REPO,
+                          env=dict(os.environ, SUDO_UID=str(nobody.pw_uid), SUDO_GID=str(nobody.pw_gid)),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{home} handed over to nobody" in done.stdout
+    owners = {str(p.relative_to(home)): p.lstat().st_uid for p in home.rglob("*")}
+    assert {p for p, uid in owners.items() if uid != nobody.pw_uid} == {
+        "images/default/another-release/rootfs", "images/default/another-release/rootfs/etc",
+        "images/default/another-release/rootfs/etc/shadow"}
+    assert any(p.startswith("templates/") for p in owners)  # the boot snapshot, the user's too
+    assert home.stat().st_uid == nobody.pw_uid

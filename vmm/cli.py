@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -224,7 +225,7 @@ def doctor_checks(home: Home) -> list[Check]:
     checks.append(Check("KVM", kvm.usable, f"{kvm.kind}: {kvm.reason}",
                         "" if kvm.usable else "none needed: VMs run under TCG (slower); see docs/engines.md",
                         warn_only=True))
-    checks.append(_check("engine", lambda: engines.select("auto").describe(), "install qemu: `make setup`"))
+    checks.append(_check("engine", lambda: engines.select("auto").describe(), "install qemu: `sudo boxlite setup`"))
     checks.append(_check("qemu", lambda: f"{find_qemu()} ({_version([find_qemu(), '--version'])})",
                          "sudo apt-get install qemu-system-x86 (or set BOXLITE_QEMU)"))
     checks.append(_check("kernel", lambda: str(kernel.find_kernel().image),
@@ -304,6 +305,7 @@ def cmd_setup(args: argparse.Namespace, home: Home) -> int:
     def step(text: str) -> None:
         print(f"\n== {text}", flush=True)
 
+    user = _sudo_user()
     try:
         kvm = engines.kvm_status()
         print(f"virtualization: {'KVM' if kvm.usable else 'none usable, VMs run under TCG (slower)'} ({kvm.reason})")
@@ -326,6 +328,43 @@ def cmd_setup(args: argparse.Namespace, home: Home) -> int:
         print("\ninterrupted: nothing half-built is kept; run `boxlite setup` again (if apt-get was interrupted, "
               "`sudo dpkg --configure -a` first)", file=sys.stderr)
         return 130
+    finally:
+        if user is not None:
+            _hand_over(home, user)
+
+
+def _sudo_user() -> pwd.struct_passwd | None:
+    """The user who ran `sudo boxlite setup`, or None (not root, or root itself)."""
+    uid = os.environ.get("SUDO_UID", "")
+    if os.geteuid() != 0 or not uid.isdigit() or int(uid) == 0:
+        return None
+    try:
+        return pwd.getpwuid(int(uid))
+    except KeyError:
+        return None
+
+
+def _setup_home(args: argparse.Namespace) -> Path | None:
+    """`sudo boxlite setup` prepares the home of the user who ran sudo (sudo set $HOME to root's)."""
+    user = _sudo_user() if args.command == "setup" and args.home is None else None
+    if user is None or os.environ.get("BOXLITE_HOME"):
+        return args.home
+    return Path(user.pw_dir) / ".cache" / "pytest-boxlite"
+
+
+def _hand_over(home: Home, user: pwd.struct_passwd) -> None:
+    """Give the home root just filled to the user who ran sudo, who runs the boxes. Image root trees keep their
+    owners (root and the image's users): ext4 bases are built from them as they are."""
+    for top, dirs, files in os.walk(home.root):
+        dirs[:] = [d for d in dirs if d != "rootfs"]
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(top, name), user.pw_uid, user.pw_gid)
+    os.lchown(home.root, user.pw_uid, user.pw_gid)
+    for path in home.root.parents:  # what setup made on the way inside the user's home (~/.cache)
+        if path.stat().st_uid != 0 or not path.is_relative_to(user.pw_dir) or path == Path(user.pw_dir):
+            break
+        os.lchown(path, user.pw_uid, user.pw_gid)
+    print(f"{home.root} handed over to {user.pw_name}")
 
 
 def _setup_image(home: Home) -> None:
@@ -396,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        home = Home(args.home)
+        home = Home(_setup_home(args))
         return int(args.func(args, home))
     except BoxliteError as e:
         print(f"error: {e}", file=sys.stderr)
