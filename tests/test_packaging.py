@@ -202,3 +202,11 @@ def test_a_changed_agent_changes_the_boot_files_and_snapshot_keys(runtime, tmp_p
         keys.append(snapshot.template_key(runtime, BoxOptions(), image, engine, snapshot.BOOT_KEY))
     assert boot[0] != boot[1] and keys[0] != keys[1]
     assert changed.read_bytes() in boot[1].read_bytes()  # the new initramfs holds the new agent as /init
+
+
+def test_no_agent_anywhere_says_how_to_get_one(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("BOXLITE_AGENT", raising=False)
+    monkeypatch.setattr(agent, "PACKAGED", tmp_path / "site-packages" / "vmm" / "bin" / "boxlite-agent")
+    monkeypatch.setattr(agent, "SOURCE", tmp_path / "guest" / "agent.c")
+    with pytest.raises(EngineUnavailable, match=r"pip install --force-reinstall pytest-boxlite.*BOXLITE_AGENT"):
+        agent.binary()

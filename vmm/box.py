@@ -196,7 +196,7 @@ class Box:
             try:
                 done = subprocess.run(argv, capture_output=True, text=True)
             except FileNotFoundError:
-                raise BoxError(f"{argv[0]} is missing: install e2fsprogs and qemu-utils (`make setup`)") from None
+                raise BoxError(f"{argv[0]} is missing: install e2fsprogs and qemu-utils (`sudo boxlite setup`)") from None
             if done.returncode:
                 raise BoxError(f"creating the box disk failed: {' '.join(argv)}: {done.stderr.strip()}")
         os.replace(str(path) + ".tmp", path)

@@ -306,6 +306,7 @@ def cmd_setup(args: argparse.Namespace, home: Home) -> int:
         print(f"\n== {text}", flush=True)
 
     user = _sudo_user()
+    os.environ["BOXLITE_HOME"] = str(home.root)  # what resolves the home by itself (a checkout's agent) uses it too
     try:
         kvm = engines.kvm_status()
         print(f"virtualization: {'KVM' if kvm.usable else 'none usable, VMs run under TCG (slower)'} ({kvm.reason})")
