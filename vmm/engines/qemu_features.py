@@ -55,6 +55,12 @@ class QemuFeatures:
             return self.qboot, roms_off
         return None, False
 
+    def describe(self) -> str:
+        bios, roms_off = self.boot_firmware()
+        return (f"microvm firmware {bios or self.firmware or 'not found'}"
+                f"{' (SeaBIOS)' if self.firmware_is_seabios and bios is None else ''}, "
+                f"option ROMs {'off' if roms_off else 'on'}")
+
     def missing(self, devices: tuple[str, ...] = ()) -> list[str]:
         """What of the required machine options and devices (plus `devices`) this qemu lacks."""
         lacks = [f"the microvm machine option '{o}'" for o in REQUIRED_MACHINE_OPTIONS if o not in self.machine_options]
