@@ -256,6 +256,11 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
                 f"--cache={'always' if cached else 'never'}", *extra]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
+        if "--no-announce-submounts" in help_text:
+            # Announced mount points (its default) reach the agent's virtiofs mount as automount points it
+            # cannot follow: every path below one (the host image's binds, a mount inside a volume) failed
+            # with EREMOTE ("Object is remote"). Unannounced, they read as part of the one shared tree.
+            argv.append("--no-announce-submounts")
     else:  # the C virtiofsd bundled with qemu 7.2
         argv = [binary, f"--socket-path={sock}", "-o", f"source={source}",
                 "-o", f"cache={'always' if cached else 'none'}"]
