@@ -30,8 +30,10 @@ demo: setup
 	$(PY) -m pytest --boxlite -v -p no:cacheprovider examples/test_examples.py
 	@test -f examples/test_examples.py && test -d /usr/share && echo "host untouched: examples/ and /usr/share still there"
 
+# After the suite, the Debian 13 stage (tools/debian13-stage): a trixie root, the project cloned and run there.
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	tools/debian13-stage
 
 bench: setup
 	$(PY) bench/boot.py

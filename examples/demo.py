@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmm import BoxOptions, Runtime  # noqa: E402
+from vmm import BoxliteError, BoxOptions, Runtime  # noqa: E402
 from vmm.engines import kvm_status, select  # noqa: E402
 
 
@@ -79,4 +79,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    main()
+    try:
+        main()
+    except BoxliteError as exc:  # the runtime's errors say what to do: no traceback
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import vmm.box
+import vmm.engines.qemu
 from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Runtime, Volume
 from vmm.engines.qemu import QemuEngine
 
@@ -162,6 +164,25 @@ def test_a_box_that_never_boots_is_an_error(runtime, monkeypatch, launched):
         with pytest.raises(BoxError, match="did not boot after 2 attempts"):
             box.start()
         assert len(launched) == 2 and all(vm.poll() is not None for vm in launched)
+    finally:
+        box.remove()
+
+
+def test_a_firmware_with_no_kernel_to_boot_explains_itself(runtime, monkeypatch, launched):
+    # qemu 10's failure on Debian 13 (DESIGN.md, "Machines"): SeaBIOS with option ROMs off loads no kernel.
+    # Made here with the host's real SeaBIOS build for microvm, given to qemu where qboot would be.
+    seabios = Path("/usr/share/seabios/bios-microvm.bin")
+    if not seabios.is_file():
+        pytest.skip(f"{seabios} is missing (Debian's seabios package)")
+    probe = vmm.engines.qemu.probe
+    monkeypatch.setattr(vmm.engines.qemu, "probe", lambda qemu: dataclasses.replace(
+        probe(qemu), firmware=seabios, firmware_is_seabios=True, qboot=seabios))
+    box = runtime.create(BoxOptions(engine="qemu", snapshots=False))
+    try:
+        with pytest.raises(BoxError, match="did not boot: the firmware found no kernel to boot") as failed:
+            box.start()
+        assert "No bootable device" in failed.value.console_tail
+        assert len(launched) == 1 and launched[0].poll() is not None  # not booted again, and its qemu is gone
     finally:
         box.remove()
 

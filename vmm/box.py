@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
-from . import engines, kernel
+from . import bootfail, engines, kernel
 from .channel import Channel
 from .engines.base import VM, Disk, LaunchSpec, Share
 from .errors import BoxError, ConfigError, ExecError, GuestProtocolError
@@ -38,6 +38,7 @@ UPPER_SERIAL = "boxlite-upper"
 VOLUME_SERIAL = "boxlite-vol"  # + the volume's index: volumes given as ext4 image files
 HOST_ROOT_TAG = "hostroot"
 BOOT_WATCHDOGS = (10.0, 20.0, 40.0)  # about 2% of boots hang early (DESIGN.md): retry, each time more patient
+BOOT_POLL = 0.5  # how often a boot's console is read for a firmware that gave up
 SETUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 DEFAULT_MAX_OUTPUT = 256 << 20
@@ -151,7 +152,9 @@ class Box:
                     raise
                 break
             else:
-                raise BoxError(f"box {self.id} did not boot after {len(BOOT_WATCHDOGS)} attempts", vm.console_tail())
+                tail = vm.console_tail()
+                raise BoxError(f"box {self.id} did not boot after {len(BOOT_WATCHDOGS)} attempts: "
+                               f"{bootfail.explain(tail, stopped=False)}", tail)
             self._vm, self._channel = vm, channel
             self.engine_name = engine.name
             self.status = "running"
@@ -203,8 +206,28 @@ class Box:
         raw.unlink()
         return path
 
+    def _await_hello(self, vm: VM, channel: Channel, watchdog: float) -> T:
+        """The agent's first frame; TimeoutError after `watchdog` s (a hang: worth another boot), BoxError
+        saying what the console shows if the VM stopped or its firmware gave up (another boot cannot help)."""
+        deadline = time.monotonic() + watchdog
+        while True:
+            try:
+                return channel.control(max(0.0, min(BOOT_POLL, deadline - time.monotonic())))[0]
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                tail = vm.console_tail()
+                if bootfail.firmware_gave_up(tail):
+                    raise BoxError(f"box {self.id} did not boot: {bootfail.explain(tail, stopped=False)}",
+                                   tail) from None
+            except GuestProtocolError:
+                raise
+            except BoxError as exc:  # the VM ended before its agent began
+                tail = vm.console_tail()
+                raise BoxError(f"box {self.id} did not boot: {bootfail.explain(tail, stopped=True)}", tail) from exc
+
     def _handshake(self, vm: VM, channel: Channel, watchdog: float) -> None:
-        kind, payload = channel.control(watchdog)
+        kind = self._await_hello(vm, channel, watchdog)
         if kind != T.HELLO:
             raise GuestProtocolError(f"box {self.id}: the agent began with {kind.name}, not HELLO")
         upper = vm.disk_serial(UPPER_SERIAL) if self.persistent else "tmpfs"

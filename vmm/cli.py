@@ -219,6 +219,7 @@ def _check(name: str, probe: Callable[[], str], fix: str = "") -> Check:
 def doctor_checks(home: Home) -> list[Check]:
     from vmm import engines, kernel
     from vmm.engines.qemu import find_qemu, find_virtiofsd
+    from vmm.engines.qemu_features import probe
 
     checks = []
     kvm = engines.kvm_status()
@@ -226,7 +227,8 @@ def doctor_checks(home: Home) -> list[Check]:
                         "" if kvm.usable else "none needed: VMs run under TCG (slower); see docs/engines.md",
                         warn_only=True))
     checks.append(_check("engine", lambda: engines.select("auto").describe(), "install qemu: `sudo boxlite setup`"))
-    checks.append(_check("qemu", lambda: f"{find_qemu()} ({_version([find_qemu(), '--version'])})",
+    checks.append(_check("qemu", lambda: f"{find_qemu()} ({_version([find_qemu(), '--version'])}); "
+                                         f"{probe(find_qemu()).describe()}",
                          "sudo apt-get install qemu-system-x86 (or set BOXLITE_QEMU)"))
     checks.append(_check("kernel", lambda: str(kernel.find_kernel().image),
                          "sudo apt-get install linux-image-cloud-amd64 (or set BOXLITE_KERNEL)"))

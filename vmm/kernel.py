@@ -175,10 +175,7 @@ def _decompress(method: str, payload: bytes) -> bytes:
 
 def module_closure(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
     """Module files for `wanted` and their dependencies, dependencies first; absent modules are skipped."""
-    deps: dict[str, list[str]] = {}
-    for line in (modules_dir / "modules.dep").read_text().splitlines():
-        target, _, rest = line.partition(":")
-        deps[target] = rest.split()
+    deps = module_deps(modules_dir)
     by_name = {_module_name(p): p for p in deps}
     order: list[str] = []
 
@@ -195,6 +192,35 @@ def module_closure(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
         else:
             log.debug("module %s not in %s (built in, or absent)", name, modules_dir)
     return [modules_dir / p for p in order]
+
+
+def module_deps(modules_dir: Path) -> dict[str, list[str]]:
+    """The kernel's loadable modules (paths relative to `modules_dir`) and what each depends on."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[target] = rest.split()
+    return deps
+
+
+def builtin_modules(modules_dir: Path) -> frozenset[str]:
+    """Names of the drivers built into the kernel (its `modules.builtin`; none if the file is missing)."""
+    try:
+        return frozenset(_module_name(line) for line in (modules_dir / "modules.builtin").read_text().split())
+    except FileNotFoundError:
+        return frozenset()
+
+
+def _require_modules(kernel: Kernel, names: tuple[str, ...]) -> None:
+    """Every box needs the core drivers: a kernel that has them neither built in nor as modules cannot boot one."""
+    present = {_module_name(path) for path in module_deps(kernel.modules)}
+    absent = [name for name in names if name not in present]
+    if absent:
+        raise EngineUnavailable(
+            f"kernel {kernel.release} has no {', '.join(absent)} (neither built in, by its modules.builtin, nor a "
+            f"module in {kernel.modules}): boxes need virtio-mmio, virtio-blk, virtio-console and overlayfs; "
+            "use a kernel that has them (Debian's linux-image-cloud-amd64) through BOXLITE_KERNEL"
+        )
 
 
 def _module_name(path: str) -> str:
@@ -239,8 +265,13 @@ def build_initramfs(kernel: Kernel, agent_path: Path, busybox: Path) -> bytes:
     cpio.add("init", stat.S_IFREG | 0o755, agent_path.read_bytes())
     cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
     order, seen = [], set()
+    builtin = builtin_modules(kernel.modules)
     for group, wanted in MODULE_GROUPS.items():
-        for path in module_closure(kernel.modules, wanted):
+        # Ubuntu's kernels build virtio, virtio_blk and virtio_console in; Debian's have them as modules.
+        loadable = tuple(name for name in wanted if name not in builtin)
+        if group == "core":
+            _require_modules(kernel, loadable)
+        for path in module_closure(kernel.modules, loadable):
             if path in seen:
                 continue
             seen.add(path)

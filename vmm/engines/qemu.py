@@ -16,6 +16,7 @@ from .. import process
 from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
 from .base import Engine, LaunchSpec, ProcessVM, Share
+from .qemu_features import probe
 from .qmp import Qmp
 
 log = logging.getLogger(__name__)
@@ -81,18 +82,26 @@ class QemuEngine(Engine):
         self.accel = accel
         self.name = f"qemu-{accel}"
         self.snapshots = True
+        self.features = probe(qemu)
+        self.features.require()
 
     def describe(self) -> str:
         return f"qemu ({'KVM' if self.accel == 'kvm' else 'TCG, software emulation'})"
 
     def snapshot_key(self) -> list[object]:
         st = os.stat(self.qemu)
-        return [self.name, self.qemu, st.st_size, st.st_mtime_ns, CMDLINE, TCG_CMDLINE, TCG_CPU]
+        bios, roms_off = self.features.boot_firmware()
+        return [self.name, self.qemu, st.st_size, st.st_mtime_ns, str(bios), roms_off, CMDLINE, TCG_CMDLINE, TCG_CPU]
 
     def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path],
              monitor_fd: int | None = None) -> list[str]:
-        machine = "microvm,x-option-roms=off,isa-serial=on"
+        self.features.require((("vhost-user-fs-device",) if spec.shares else ())
+                              + (("virtio-net-device",) if spec.network else ()))
+        bios, roms_off = self.features.boot_firmware()
+        machine = "microvm,isa-serial=on" + (",x-option-roms=off" if roms_off else "")
         args = [self.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
+        if bios is not None:
+            args += ["-bios", str(bios)]
         if spec.ram_file is not None:
             if spec.shares:
                 raise BoxError("a VM with virtiofs shares cannot be snapshotted: give volumes as image files")
@@ -247,6 +256,11 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
                 f"--cache={'always' if cached else 'never'}", *extra]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
+        if "--no-announce-submounts" in help_text:
+            # Announced mount points (its default) reach the agent's virtiofs mount as automount points it
+            # cannot follow: every path below one (the host image's binds, a mount inside a volume) failed
+            # with EREMOTE ("Object is remote"). Unannounced, they read as part of the one shared tree.
+            argv.append("--no-announce-submounts")
     else:  # the C virtiofsd bundled with qemu 7.2
         argv = [binary, f"--socket-path={sock}", "-o", f"source={source}",
                 "-o", f"cache={'always' if cached else 'none'}"]
