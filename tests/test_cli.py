@@ -72,7 +72,7 @@ def test_doctor(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     names = [line.split()[1] for line in lines if line[:4] in ("OK  ", "WARN", "FAIL")]
     assert names == ["KVM", "engine", "qemu", "kernel", "virtiofsd", "busybox", "mkfs.ext4", "cache",
-                     "snapshots"], result.stderr
+                     "home", "snapshots"], result.stderr
     assert "snapshots" in result.stdout and "restored from boot snapshots" in result.stdout  # qemu here
     failed = [line for line in lines if line.startswith("FAIL")]
     assert result.returncode == (1 if failed else 0), result.stdout
