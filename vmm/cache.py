@@ -82,6 +82,17 @@ class Cap:
 def cache_max(home: Path) -> Cap:
     """The cap on the home's size: `$BOXLITE_CACHE_MAX`, else `cache_max` in the home's config.yaml, else
     DEFAULT_MAX, or half of what the home's file system holds for it (its size plus the free space) if less."""
+    configured = configured_max(home)
+    if configured is not None:
+        return configured
+    room = int((home_size(home) + shutil.disk_usage(home).free) * DEFAULT_SHARE)
+    if room < DEFAULT_MAX:
+        return Cap(room, f"default: {DEFAULT_SHARE:.0%} of the room on the file system")
+    return Cap(DEFAULT_MAX, "default")
+
+
+def configured_max(home: Path) -> Cap | None:
+    """The cap the user set, if any; ConfigError naming the fix if it is not a size."""
     if os.environ.get(ENV):
         return Cap(parse_size(os.environ[ENV], f"${ENV}"), f"${ENV}")
     config = Path(home) / CONFIG_NAME
@@ -96,10 +107,7 @@ def cache_max(home: Path) -> Cap:
             raise ConfigError(f"{config} must be a mapping, e.g. `cache_max: 10G`")
         if data.get("cache_max") is not None:
             return Cap(parse_size(data["cache_max"], f"cache_max in {config}"), str(config))
-    room = int((home_size(home) + shutil.disk_usage(home).free) * DEFAULT_SHARE)
-    if room < DEFAULT_MAX:
-        return Cap(room, f"default: {DEFAULT_SHARE:.0%} of the room on the file system")
-    return Cap(DEFAULT_MAX, "default")
+    return None
 
 
 # ---------------------------------------------------------------- sizes
@@ -130,7 +138,9 @@ def _files(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, int]]
 
 
 def home_size(home: Path) -> int:
-    return disk_size(Path(home))
+    """The home's bytes on disk, its parts included when they are links to elsewhere (tests share images)."""
+    seen: set[tuple[int, int]] = set()
+    return sum(size for child in _children(Path(home)) for _, size in _files(child.resolve(), seen))
 
 
 # ---------------------------------------------------------------- entries
@@ -157,17 +167,17 @@ def use_lock(path: Path) -> Path:
     return Path(str(path) + USE_SUFFIX)
 
 
-def _last_used(path: Path, *markers: Path) -> float:
-    times = []
-    for marker in (use_lock(path), *markers, path):
+def _last_used(path: Path) -> float:
+    """The mtime of its use lock; for entries without one (made by earlier versions), of the entry."""
+    for marker in (use_lock(path), path):
         try:
-            times.append(marker.stat().st_mtime)
+            return marker.stat().st_mtime
         except OSError:
             continue
-    return max(times, default=0.0)
+    return 0.0
 
 
-def _note(path: Path) -> str:
+def note(path: Path) -> str:
     """What the users of an entry wrote into its use lock (see Holds.hold)."""
     try:
         return use_lock(path).read_text(errors="replace").strip()[:200]
@@ -189,16 +199,16 @@ def entries(home: Path) -> list[Entry]:
         except (OSError, ValueError):
             meta = {}
         kind = "boot snapshot" if meta.get("boot") else "template"
-        found.append(Entry(kind, path, str(meta.get("about", "")) or _note(path), disk_size(path),
-                           _last_used(path, meta_file)))
+        found.append(Entry(kind, path, str(meta.get("about", "")) or note(path), disk_size(path),
+                           _last_used(path)))
     refs = _refs_by_image(home)
     for path in _children(home / "images" / "bases"):
         if path.suffix == ".ext4" and not path.name.startswith("."):
-            what = ", ".join(refs.get(path.stem, ())) or _note(path) or "(no image refers to it)"
+            what = ", ".join(refs.get(path.stem, ())) or note(path) or "(no image refers to it)"
             found.append(Entry("base", path, what, disk_size(path), _last_used(path)))
     for path in _children(home / "images" / "volumes"):
         if path.suffix == ".ext4" and not path.name.startswith("."):
-            found.append(Entry("volume", path, _note(path), disk_size(path), _last_used(path)))
+            found.append(Entry("volume", path, note(path), disk_size(path), _last_used(path)))
     for path in _children(home / "kernels"):
         if path.is_dir() and not path.name.startswith("."):
             found.append(Entry("kernel", path, f"kernel {path.name.rsplit('-', 1)[0]}", disk_size(path),
@@ -246,6 +256,16 @@ def _flock(path: Path, flags: int) -> int | None:
         except FileNotFoundError:
             pass
         os.close(fd)  # removed (by an eviction) between open and flock
+
+
+def touch(path: Path, what: str = "") -> None:
+    """Record a use of the entry at `path` now, without holding it (for callers without a Runtime; the
+    runtime that boots with the entry holds it)."""
+    lock = use_lock(path)
+    with open(lock, "a") as f:
+        if what and f.tell() == 0:
+            f.write(what[:200])
+    os.utime(lock)
 
 
 class Holds:
@@ -467,10 +487,3 @@ def dig_holes(path: Path) -> None:
     if done.returncode:
         log.warning("fallocate --dig-holes %s failed: %s", path, done.stderr.strip())
 
-
-_process_holds = Holds()
-
-
-def hold_for_process(path: Path, what: str = "") -> None:
-    """Hold the entry at `path` until this process exits (for callers without a Runtime)."""
-    _process_holds.hold(path, what)

@@ -47,6 +47,7 @@ class Runtime:
         """`insecure_registries`: registries (host[:port]) that may be reached over plain http, besides
         loopback ones and `$BOXLITE_INSECURE_REGISTRIES`."""
         self.home = Home(home)
+        cache.configured_max(self.home.root)  # a cap that is not a size fails here, not at the end of the run
         self.insecure_registries = tuple(insecure_registries)
         self._kernel_args = (kernel_image, kernel_modules)
         self._kernel: kernel.Kernel | None = None

@@ -108,6 +108,8 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
                  extra: str) -> str:
     """A digest of everything a template's saved RAM and devices depend on: change any, get a new template."""
     boot = runtime._boot_files()
+    for vol in options.volumes:  # volume images of the runtime home: in use from now on
+        runtime._use(Path(vol.host))
     parts = {
         "format": FORMAT,
         "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove", "snapshots")},
@@ -135,7 +137,7 @@ def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
     if key in runtime._no_boot_snapshot:
         return None  # it failed in this runtime: trying it again would most likely fail again
     try:
-        return _get_or_build(runtime, options, image, engine, _boot_warmup, key, "boot")
+        return _get_or_build(runtime, options, image, engine, _boot_warmup, key)
     except NoSpaceForTemplate as exc:
         log.warning("%s; boxes of these options boot instead", exc)
         runtime._boot_without_snapshot(key)
@@ -172,16 +174,16 @@ def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -
 
 def get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                  warmup: Warmup | None, extra: str) -> Template:
-    key = template_key(runtime, options, image, engine, extra)
-    return _get_or_build(runtime, options, image, engine, warmup, key, extra)
+    return _get_or_build(runtime, options, image, engine, warmup, template_key(runtime, options, image, engine, extra))
 
 
 def _get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
-                  warmup: Warmup | None, key: str, extra: str) -> Template:
+                  warmup: Warmup | None, key: str) -> Template:
     directory = runtime.home.templates / key[:32]
     # In use from now until the runtime closes (first, so that no eviction removes it between check and use).
+    sources = [cache.note(Path(v.host)) or v.host for v in options.volumes]
     about = f"{options.image or 'default'} image, {options.cpus} CPU, {options.memory_mib} MiB" + (
-        f", {extra[:120]}" if extra and warmup is not _boot_warmup else "")
+        f"; volumes of {', '.join(sources)}" if sources else "")
     runtime._use(directory, about)
     template = load(directory, key, options, image)
     if template is not None:

@@ -3,7 +3,7 @@
 
 Images are named by a fingerprint of the tree (paths, modes, sizes, modification times), built once per
 fingerprint and shared by processes through the same file lock as image bases. They are cache entries
-(vmm/cache.py): the process that asked for one holds it until it exits; unused ones are evicted by age.
+(vmm/cache.py): a runtime whose boxes use one holds it; the least recently used are evicted over the cap.
 """
 
 from __future__ import annotations
@@ -70,9 +70,8 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
     inside = [os.path.relpath(store, src)] if store.is_relative_to(src) else []
     skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in (*exclude, *inside))
     dest = store / f"{fingerprint(src, skip)}.ext4"
-    # In use by this process from now on (first: no eviction removes it between the check and the use).
-    cache.hold_for_process(dest, str(src))
     if not dest.exists():
+        store.mkdir(parents=True, exist_ok=True)
         cache.make_room(home, sum(st.st_blocks * 512 for _, st in _walk(src, skip)))
         if skip:
             staging = dest.parent / cache.staging_name(".staging-")  # says whose it is, for cache.sweep
@@ -83,6 +82,7 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
                 shutil.rmtree(staging, ignore_errors=True)
         else:
             build_ext4_base(src, dest, progress)
+    cache.touch(dest, str(src))  # last used (and what for): the most recent entry, the last to be evicted
     return dest
 
 
