@@ -79,13 +79,15 @@ class Cap:
     source: str  # where it was set: the environment, the config file, or the default
 
 
-def cache_max(home: Path) -> Cap:
+def cache_max(home: Path, size: int | None = None) -> Cap:
     """The cap on the home's size: `$BOXLITE_CACHE_MAX`, else `cache_max` in the home's config.yaml, else
-    DEFAULT_MAX, or half of what the home's file system holds for it (its size plus the free space) if less."""
+    DEFAULT_MAX, or half of what the home's file system holds for it (its size plus the free space) if less.
+    `size`: the home's, if the caller has just measured it."""
     configured = configured_max(home)
     if configured is not None:
         return configured
-    room = int((home_size(home) + shutil.disk_usage(home).free) * DEFAULT_SHARE)
+    size = home_size(home) if size is None else size
+    room = int((size + shutil.disk_usage(home).free) * DEFAULT_SHARE)
     if room < DEFAULT_MAX:
         return Cap(room, f"default: {DEFAULT_SHARE:.0%} of the room on the file system")
     return Cap(DEFAULT_MAX, "default")
@@ -347,12 +349,12 @@ def remove_entry(entry: Entry) -> bool:
 
 
 def evict(home: Path, max_bytes: int | None, need: int = 0, older_than_s: float | None = None,
-          everything: bool = False) -> Evicted:
+          everything: bool = False, size: int | None = None) -> Evicted:
     """Remove the least recently used entries not in use until the home plus `need` bytes fits in
     `max_bytes` (None: no size limit), and those unused for `older_than_s` seconds; with `everything`, all
-    entries not in use."""
+    entries not in use. `size`: the home's, if the caller has just measured it."""
     home = Path(home)
-    before = total = home_size(home)
+    before = total = home_size(home) if size is None else size
     removed, busy = [], []
     now = time.time()
     for entry in entries(home):
@@ -371,8 +373,11 @@ def make_room(home: Path, need: int) -> None:
     """Evict what would leave the home over its cap once `need` more bytes are saved into it (0: at the end
     of a run). Failing to is logged, not raised: the cache is an optimisation."""
     try:
-        cap = cache_max(home)
-        result = evict(home, cap.bytes, need)
+        size = home_size(home)
+        cap = cache_max(home, size)
+        if size + need <= cap.bytes:
+            return
+        result = evict(home, cap.bytes, need, size=size)
     except (OSError, ConfigError) as exc:
         log.warning("could not make room in the runtime home %s: %s", home, exc)
         return
