@@ -296,6 +296,17 @@ class Holds:
         with self._lock:
             return str(path) in self._fds
 
+    def drop(self, path: Path) -> None:
+        """Stop holding `path`, and remove its use lock if the entry is not there (its build failed or
+        was skipped) and nobody else holds it."""
+        with self._lock:
+            fd = self._fds.pop(str(path), None)
+        if fd is None:
+            return
+        os.close(fd)
+        if not path.exists():
+            _remove_unused_lock(use_lock(path), path)
+
     def release(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -470,12 +481,16 @@ def sweep(home: Path) -> int:
                  *(home / "kernels").glob(f"*{USE_SUFFIX}")]:
         entry = Path(str(lock)[: -len(USE_SUFFIX)])
         if not entry.exists() and _old(lock):
-            fd = _flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if fd is not None:
-                if not entry.exists():
-                    lock.unlink(missing_ok=True)
-                os.close(fd)
+            _remove_unused_lock(lock, entry)
     return freed
+
+
+def _remove_unused_lock(lock: Path, entry: Path) -> None:
+    fd = _flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fd is not None:
+        if not entry.exists():
+            lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- smaller snapshots

@@ -178,7 +178,7 @@ def cmd_prune(args: argparse.Namespace, home: Home) -> int:
     # Snapshot templates, volume images and the like are rebuilt on demand: those unused for a day go (or
     # --older-than). `boxlite cache prune` bounds them by size.
     max_age = 86400 * (args.older_than if args.older_than is not None else 1)
-    freed += cache.evict(home.root, None, older_than_s=max_age).freed
+    freed += cache.evict(home.root, None, older_than_s=max_age).freed + cache.sweep(home.root)
     print(f"freed {human(freed)}")
     return 0
 

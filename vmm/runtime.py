@@ -112,6 +112,10 @@ class Runtime:
         if path.is_relative_to(self.home.root):
             self._holds.hold(path, what)
 
+    def _unuse(self, path: Path) -> None:
+        """No longer hold `path` (its build failed: nothing to keep)."""
+        self._holds.drop(path)
+
     def _adopt(self, box: Box) -> None:
         box._save()
         with self._lock:

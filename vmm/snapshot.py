@@ -188,14 +188,18 @@ def _get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
     template = load(directory, key, options, image)
     if template is not None:
         return template
-    cache.make_room(runtime.home.root, int((options.memory_mib << 20) * EXPECTED_RAM_SHARE))
-    _check_space(runtime.home.templates, options)
-    with FileLock(str(directory) + ".lock"):
-        template = load(directory, key, options, image)  # another process built it while we waited
-        if template is not None:
-            return template
-        shutil.rmtree(directory, ignore_errors=True)
-        return _build(runtime, options, image, warmup, key, directory, about)
+    try:
+        cache.make_room(runtime.home.root, int((options.memory_mib << 20) * EXPECTED_RAM_SHARE))
+        _check_space(runtime.home.templates, options)
+        with FileLock(str(directory) + ".lock"):
+            template = load(directory, key, options, image)  # another process built it while we waited
+            if template is not None:
+                return template
+            shutil.rmtree(directory, ignore_errors=True)
+            return _build(runtime, options, image, warmup, key, directory, about)
+    except BaseException:
+        runtime._unuse(directory)
+        raise
 
 
 def _check_space(templates: Path, options: BoxOptions) -> None:
