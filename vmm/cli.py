@@ -337,16 +337,19 @@ def _cache_check(home: Home) -> Check:
 
     if not os.access(home.root, os.W_OK):
         return Check("cache", False, f"{home.root} is not writable", "fix its owner, or set BOXLITE_HOME")
-    entries = ImageIndex(home.images).entries().values()
-    broken = [e.ref for e in entries if not is_valid_base(base_path(home.root, e.image_id))]
+    entries = list(ImageIndex(home.images).entries().values())
+    # A missing base is not broken: evicted under the home's cap, it is rebuilt on next use.
+    bases = [base_path(home.root, e.image_id) for e in entries]
+    broken = [e.ref for e, base in zip(entries, bases) if base.exists() and not is_valid_base(base)]
     partial = list((home.images / "blobs" / "partial").glob("*"))
     free = shutil.disk_usage(home.root).free
     detail = f"{home.root}: {len(entries)} images, {len(partial)} partial downloads, {human(free)} free"
     if broken:
-        return Check("cache", False, detail + f"; bases missing or damaged: {', '.join(broken)}",
+        return Check("cache", False, detail + f"; bases damaged: {', '.join(broken)}",
                      "they are rebuilt on next use; or `boxlite images rm REF`")
     if free < 2e9:
-        return Check("cache", False, detail, "free disk space: `boxlite cache prune --max-size 2G`, `boxlite images prune --max-size 5`")
+        return Check("cache", False, detail, "free disk space: `boxlite cache prune --max-size 2G`, "
+                                             "`boxlite images prune --max-size 5`")
     return Check("cache", True, detail)
 
 

@@ -232,7 +232,8 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
         warm = execution.state() if execution is not None else None
         next_stream = box._snapshot(work / "state")
         cache.dig_holes(work / "ram")
-        meta = {"key": key, "about": about, "boot": warmup is _boot_warmup, "next_stream": next_stream, "warm": asdict(warm) if warm else None, "data": data,
+        meta = {"key": key, "about": about, "boot": warmup is _boot_warmup, "next_stream": next_stream,
+                "warm": asdict(warm) if warm else None, "data": data,
                 "state_sha256": hashlib.sha256((work / "state").read_bytes()).hexdigest(),
                 "built": time.time(), "build_seconds": time.monotonic() - started}
         (work / "template.json").write_text(json.dumps(meta, indent=1))
