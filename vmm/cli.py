@@ -385,9 +385,9 @@ def parser() -> argparse.ArgumentParser:
     rm = images.add_parser("rm", help="remove images from the cache")
     rm.add_argument("refs", nargs="+", metavar="REF")
     rm.set_defaults(func=cmd_rm)
-    prune = images.add_parser("prune", help="remove images by age or total size, and cache entries (snapshot "
-                                            "templates, volume images...) unused for a day; `boxlite cache prune` "
-                                            "bounds the whole home")
+    about = ("remove images by age or total size, and cache entries (snapshot templates, volume images...) unused "
+             "for a day; not an alias of `boxlite cache prune`, which bounds the whole home by size")
+    prune = images.add_parser("prune", help=about, description=about)
     prune.add_argument("--older-than", type=float, metavar="DAYS",
                        help="remove images, snapshot templates and volume images unused for DAYS days")
     prune.add_argument("--max-size", type=float, metavar="GB",
