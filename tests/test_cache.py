@@ -109,6 +109,25 @@ def test_eviction_goes_by_last_use_and_skips_what_a_live_process_uses(tmp_path):
     assert not list((home / "images" / "volumes").iterdir())  # no lock files left either
 
 
+def test_a_kept_boxs_base_is_not_evicted(tmp_path):
+    home = Home(tmp_path / "home").root
+    roots = []
+    for name in ("kept", "other"):
+        root = tmp_path / name
+        (root / "usr" / "bin").mkdir(parents=True)
+        (root / "bin").symlink_to("usr/bin")
+        (root / "name").write_text(name)
+        roots.append(root)
+    with Runtime(home) as rt:  # a box with a persistent disk, created and never started: it outlives the runtime
+        box = rt.create(image=f"dir:{roots[0]}", disk_size_gb=1)
+        other = resolve_image(f"dir:{roots[1]}", home).base
+    result = cache.evict(home, None, everything=True)
+    assert box.image.base.exists() and box.image.base in [e.path for e in result.busy]
+    assert not other.exists() and other in [e.path for e in result.removed]
+    Runtime(home).remove(box.id)
+    assert cache.evict(home, None, everything=True).removed[0].path == box.image.base
+
+
 def test_leftovers_of_dead_owners_are_removed_and_live_ones_kept(tmp_path):
     home = Home(tmp_path / "home").root
     dead = dead_pid()

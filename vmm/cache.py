@@ -320,7 +320,7 @@ class Holds:
 @dataclass(frozen=True)
 class Evicted:
     removed: list[Entry]
-    busy: list[Entry]  # wanted gone but in use (or being built) by a live process
+    busy: list[Entry]  # wanted gone but in use (or being built) by a live process, or a stopped box's base
     size_before: int
     size_after: int
 
@@ -364,15 +364,20 @@ def evict(home: Path, max_bytes: int | None, need: int = 0, older_than_s: float 
     """Remove the least recently used entries not in use until the home plus `need` bytes fits in
     `max_bytes` (None: no size limit), and those unused for `older_than_s` seconds; with `everything`, all
     entries not in use. `size`: the home's, if the caller has just measured it."""
+    from .images.store import referenced_by_boxes
+
     home = Path(home)
     before = total = home_size(home) if size is None else size
     removed, busy = [], []
     now = time.time()
+    kept_boxes = referenced_by_boxes(home)  # a stopped persistent box starts again on the base it was made on
     for entry in entries(home):
         old = older_than_s is not None and now - entry.last_used >= older_than_s
         if not (everything or old or (max_bytes is not None and total + need > max_bytes)):
             continue
-        if remove_entry(entry):
+        if os.path.realpath(entry.path) in kept_boxes:
+            busy.append(entry)
+        elif remove_entry(entry):
             removed.append(entry)
             total -= entry.size
         else:

@@ -215,7 +215,7 @@ def cmd_cache_prune(args: argparse.Namespace, home: Home) -> int:
     for e in result.removed:
         print(f"removed {e.kind} {e.path.name[:16]} ({cache.format_size(e.size)}, {e.what or '?'})")
     for e in result.busy:
-        print(f"kept {e.kind} {e.path.name[:16]}: in use by a running process")
+        print(f"kept {e.kind} {e.path.name[:16]}: in use by a running process or a kept box")
     print(f"freed {cache.format_size(result.freed + swept)}; the home takes {cache.format_size(result.size_after)}")
     return 0
 
