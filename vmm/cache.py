@@ -49,7 +49,6 @@ USE_SUFFIX = ".use"
 BUILD_SUFFIX = ".lock"  # the build locks of snapshot.py, kernel.py and images/ext4.py
 # Leftovers whose owner cannot be known (no lock, no pid in the name) go when they are this old.
 ORPHAN_AGE_S = 3600.0
-KINDS = ("template", "boot snapshot", "volume", "base", "kernel")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -150,7 +149,7 @@ def home_size(home: Path) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str  # one of KINDS
+    kind: str  # template, boot snapshot, volume, base or kernel
     path: Path  # the directory or file
     what: str  # what it is for
     size: int  # bytes on disk
@@ -346,9 +345,12 @@ def remove_entry(entry: Entry) -> bool:
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 entry.path.unlink(missing_ok=True)
-            # Nobody waits on the build lock (they would hold the use lock) except builders that do not take
-            # it: their builds replace the entry atomically, so two of them at once only cost time.
-            entry.build_lock.unlink(missing_ok=True)
+            # Who waits on a template's build lock holds its use lock: nobody. Bases and volumes are built by
+            # callers that hold nothing yet, but are put in place with an atomic replace: two builds at once
+            # (one on the removed lock file, one on a new one) only cost time. A kernel build renames a
+            # directory into place, which two builds at once could not both do: its lock file stays.
+            if entry.kind != "kernel":
+                entry.build_lock.unlink(missing_ok=True)
         finally:
             build.release()
         entry.use_lock.unlink(missing_ok=True)
