@@ -232,8 +232,9 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     cmds.add_parser("ls", help="list cache entries: kind, size on disk, last use, what each is for"
                     ).set_defaults(func=cmd_cache_ls)
     cmds.add_parser("path", help="print the runtime home's path").set_defaults(func=cmd_cache_path)
-    prune = cmds.add_parser("prune", help="remove entries no running process uses (default: the least recently "
-                                          "used, until the home is under its cap), and leftovers of interrupted runs")
+    about = ("remove entries no running process uses (default: the least recently used, until the home is under "
+             "its cap), and leftovers of interrupted runs")
+    prune = cmds.add_parser("prune", help=about, description=about)
     prune.add_argument("--max-size", metavar="SIZE", help="until the home is under SIZE (e.g. 2G, 500M)")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="those unused for DAYS days")
     prune.add_argument("--all", action="store_true", help="all of them")
