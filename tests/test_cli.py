@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from tests.oci_registry import OciEnv
 REPO = Path(__file__).resolve().parent.parent
 
 
-def boxlite(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, BOXLITE_HOME=str(home), PYTHONPATH=str(REPO))
+def boxlite(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, BOXLITE_HOME=str(home), PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.run([sys.executable, "-m", "vmm.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -72,7 +73,7 @@ def test_doctor(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     names = [line.split()[1] for line in lines if line[:4] in ("OK  ", "WARN", "FAIL")]
     assert names == ["KVM", "engine", "qemu", "kernel", "virtiofsd", "busybox", "mkfs.ext4", "cache",
-                     "snapshots"], result.stderr
+                     "home", "snapshots"], result.stderr
     assert "snapshots" in result.stdout and "restored from boot snapshots" in result.stdout  # qemu here
     failed = [line for line in lines if line.startswith("FAIL")]
     assert result.returncode == (1 if failed else 0), result.stdout
@@ -85,3 +86,41 @@ def test_doctor(tmp_path: Path) -> None:
 def test_console_script_is_installed(tmp_path: Path) -> None:
     result = subprocess.run([str(REPO / ".venv" / "bin" / "boxlite"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "images" in result.stdout and "doctor" in result.stdout
+
+
+def test_cache_ls_path_prune(tmp_path: Path) -> None:
+    from vmm.volumes import directory_image
+
+    home = tmp_path / "home"
+    images = []
+    for name, mib in (("old", 1), ("new", 3)):
+        src = tmp_path / name
+        src.mkdir()
+        (src / "data").write_bytes(os.urandom(mib << 20))
+        images.append(directory_image(src, home))
+    past = time.time() - 3 * 86400
+    os.utime(str(images[0]) + ".use", (past, past))
+    (home / "templates" / "k.tmp-0123abcd").mkdir(parents=True)  # an interrupted build: its owner is gone
+
+    assert boxlite(home, "cache", "path").stdout == f"{home}\n"
+    ls = boxlite(home, "cache", "ls", env={"BOXLITE_CACHE_MAX": "1G"})
+    assert ls.returncode == 0, ls.stderr
+    header, *rows, summary = ls.stdout.splitlines()
+    assert header.split() == ["KIND", "SIZE", "LAST", "USED", "NAME", "FOR"]
+    assert [r.split()[0] for r in rows] == ["volume", "volume"]
+    assert "just now" in rows[0] and rows[0].endswith(str(tmp_path / "new"))  # most recently used first
+    assert "3d ago" in rows[1] and rows[1].endswith(str(tmp_path / "old"))
+    assert summary.startswith("2 entries") and "of its 1.0 GiB cap ($BOXLITE_CACHE_MAX)" in summary
+
+    aged = boxlite(home, "cache", "prune", "--older-than", "1")
+    assert aged.returncode == 0, aged.stderr
+    assert aged.stdout.count("removed volume") == 1 and str(tmp_path / "old") in aged.stdout
+    assert not images[0].exists() and images[1].exists()
+    assert not (home / "templates" / "k.tmp-0123abcd").exists()
+    kept = boxlite(home, "cache", "prune", "--max-size", "1G")
+    assert "removed" not in kept.stdout and images[1].exists()
+    assert "removed volume" in boxlite(home, "cache", "prune", "--all").stdout and not images[1].exists()
+    bad = boxlite(home, "cache", "prune", "--max-size", "lots")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --max-size 'lots' is not a size")
+    images_prune = boxlite(home, "images", "prune", "--help").stdout  # still its own command, pointing here
+    assert "--max-size GB" in images_prune and "boxlite cache prune" in " ".join(images_prune.split())

@@ -125,7 +125,7 @@ class Box:
                 self._teardown(self._vm, self._channel)
                 self._vm = self._channel = None
             engine = engines.select(self.options.engine, self._runtime.kernel.release)
-            boot = kernel.boot_files(self._runtime.home.kernels, self._runtime.kernel)
+            boot = self._runtime._boot_files()
             started = time.monotonic()
             if self._template is not None:  # a clone (Runtime.restore): its template's failure is the caller's
                 return self._restore(engine, self._launch_spec(boot, self._template), self._template, started)

@@ -1,9 +1,10 @@
-"""The `boxlite` command: manage the image cache and check the host.
+"""The `boxlite` command: manage the image cache and the runtime home, and check the host.
 
     boxlite images pull REF [--progress] [--insecure-registry HOST]
     boxlite images ls
     boxlite images rm REF...
     boxlite images prune [--older-than DAYS] [--max-size GB]
+    boxlite cache ls | path | prune [--max-size SIZE] [--older-than DAYS] [--all]
     boxlite doctor
     boxlite setup [--no-install]
 
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmm import cache
 from vmm.errors import BoxliteError
 from vmm.home import Home
 
@@ -155,7 +157,6 @@ def cmd_rm(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, home: Home) -> int:
-    from vmm import snapshot, volumes
     from vmm.images.store import ImageIndex, collect_garbage
 
     index = ImageIndex(home.images)
@@ -176,11 +177,70 @@ def cmd_prune(args: argparse.Namespace, home: Home) -> int:
         index.remove(e.ref)
         print(f"removed {e.ref}")
     freed = collect_garbage(home.root)
-    # Snapshot templates and volume images are rebuilt on demand: those unused for a day go (or --older-than).
+    # Snapshot templates, volume images and the like are rebuilt on demand: those unused for a day go (or
+    # --older-than). `boxlite cache prune` bounds them by size.
     max_age = 86400 * (args.older_than if args.older_than is not None else 1)
-    freed += snapshot.prune(home.templates, max_age) + volumes.prune(home.root, max_age)
+    freed += cache.evict(home.root, None, older_than_s=max_age).freed + cache.sweep(home.root)
     print(f"freed {human(freed)}")
     return 0
+
+
+# ---------------------------------------------------------------- cache
+
+
+def cmd_cache_ls(args: argparse.Namespace, home: Home) -> int:
+    entries = sorted(cache.entries(home.root), key=lambda e: e.last_used, reverse=True)
+    rows = [("KIND", "SIZE", "LAST USED", "NAME", "FOR")]
+    for e in entries:
+        rows.append((e.kind, cache.format_size(e.size), ago(e.last_used), e.path.name[:16], e.what or "?"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[4]]).rstrip())
+    cap = cache.cache_max(home.root)
+    print(f"{len(entries)} entries, {cache.format_size(sum(e.size for e in entries))}; the home takes "
+          f"{cache.format_size(cache.home_size(home.root))} of its {cache.format_size(cap.bytes)} cap ({cap.source})")
+    return 0
+
+
+def cmd_cache_path(args: argparse.Namespace, home: Home) -> int:
+    print(home.root)
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace, home: Home) -> int:
+    swept = cache.sweep(home.root)
+    max_bytes = cache.parse_size(args.max_size, "--max-size") if args.max_size is not None else None
+    if max_bytes is None and args.older_than is None and not args.all:
+        max_bytes = cache.cache_max(home.root).bytes
+    result = cache.evict(home.root, max_bytes, older_than_s=args.older_than * 86400 if args.older_than is not None
+                         else None, everything=args.all)
+    for e in result.removed:
+        print(f"removed {e.kind} {e.path.name[:16]} ({cache.format_size(e.size)}, {e.what or '?'})")
+    for e in result.busy:
+        print(f"kept {e.kind} {e.path.name[:16]}: in use by a running process or a kept box")
+    print(f"freed {cache.format_size(result.freed + swept)}; the home takes {cache.format_size(result.size_after)}")
+    return 0
+
+
+def add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="the runtime home: snapshot templates, boot snapshots, volume images, "
+                                     "ext4 bases and kernel builds, and its size cap",
+                       description=f"Everything in the runtime home that is rebuilt on demand. The home is kept "
+                       f"under a cap (${cache.ENV}, e.g. 10G, else cache_max in HOME/{cache.CONFIG_NAME}, else "
+                       f"{cache.format_size(cache.DEFAULT_MAX)} or half the file system's room if less): the least "
+                       "recently used entries no running process uses are evicted when a run ends. Pulled images "
+                       "count towards the home's size; `boxlite images prune` removes those.")
+    cmds = p.add_subparsers(dest="cache_command", required=True)
+    cmds.add_parser("ls", help="list cache entries: kind, size on disk, last use, what each is for"
+                    ).set_defaults(func=cmd_cache_ls)
+    cmds.add_parser("path", help="print the runtime home's path").set_defaults(func=cmd_cache_path)
+    about = ("remove entries no running process uses (default: the least recently used, until the home is under "
+             "its cap), and leftovers of interrupted runs")
+    prune = cmds.add_parser("prune", help=about, description=about)
+    prune.add_argument("--max-size", metavar="SIZE", help="until the home is under SIZE (e.g. 2G, 500M)")
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="those unused for DAYS days")
+    prune.add_argument("--all", action="store_true", help="all of them")
+    prune.set_defaults(func=cmd_cache_prune)
 
 
 # ---------------------------------------------------------------- doctor
@@ -239,6 +299,7 @@ def doctor_checks(home: Home) -> list[Check]:
     mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
     checks.append(Check("mkfs.ext4", bool(mkfs), mkfs or "not found", "sudo apt-get install e2fsprogs"))
     checks.append(_cache_check(home))
+    checks.append(_home_check(home))
     checks.append(_snapshot_check(home))
     return checks
 
@@ -259,6 +320,21 @@ def _snapshot_check(home: Home) -> Check:
                                     f"templates ({len(templates)} cached, {human(size)} on disk)")
 
 
+def _home_check(home: Home, largest: int = 3) -> Check:
+    """The home's size against its cap, and the entries that take the most."""
+    try:
+        cap = cache.cache_max(home.root)
+    except BoxliteError as exc:
+        return Check("home", False, str(exc), f"fix ${cache.ENV} or {home.root / cache.CONFIG_NAME}")
+    size = cache.home_size(home.root)
+    top = sorted(cache.entries(home.root), key=lambda e: e.size, reverse=True)[:largest]
+    detail = (f"{cache.format_size(size)} of its {cache.format_size(cap.bytes)} cap ({cap.source})"
+              + ("; largest: " + ", ".join(f"{e.kind} {e.path.name[:12]} {cache.format_size(e.size)}"
+                                           for e in top) if top else ""))
+    return Check("home", size <= cap.bytes, detail, "`boxlite cache prune`, or raise the cap: "
+                 f"${cache.ENV}=20G or cache_max in {home.root / cache.CONFIG_NAME}", warn_only=True)
+
+
 def _cache_check(home: Home) -> Check:
     from vmm.images import base_path
     from vmm.images.ext4 import is_valid_base
@@ -266,16 +342,19 @@ def _cache_check(home: Home) -> Check:
 
     if not os.access(home.root, os.W_OK):
         return Check("cache", False, f"{home.root} is not writable", "fix its owner, or set BOXLITE_HOME")
-    entries = ImageIndex(home.images).entries().values()
-    broken = [e.ref for e in entries if not is_valid_base(base_path(home.root, e.image_id))]
+    entries = list(ImageIndex(home.images).entries().values())
+    # A missing base is not broken: evicted under the home's cap, it is rebuilt on next use.
+    bases = [base_path(home.root, e.image_id) for e in entries]
+    broken = [e.ref for e, base in zip(entries, bases) if base.exists() and not is_valid_base(base)]
     partial = list((home.images / "blobs" / "partial").glob("*"))
     free = shutil.disk_usage(home.root).free
     detail = f"{home.root}: {len(entries)} images, {len(partial)} partial downloads, {human(free)} free"
     if broken:
-        return Check("cache", False, detail + f"; bases missing or damaged: {', '.join(broken)}",
+        return Check("cache", False, detail + f"; bases damaged: {', '.join(broken)}",
                      "they are rebuilt on next use; or `boxlite images rm REF`")
     if free < 2e9:
-        return Check("cache", False, detail, "free disk space, or `boxlite images prune --max-size 5`")
+        return Check("cache", False, detail, "free disk space: `boxlite cache prune --max-size 2G`, "
+                                             "`boxlite images prune --max-size 5`")
     return Check("cache", True, detail)
 
 
@@ -397,7 +476,8 @@ def _setup_boot_snapshot(home: Home) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="boxlite", description="pytest-boxlite: image cache and host checks")
+    p = argparse.ArgumentParser(prog="boxlite", description="pytest-boxlite: image cache, runtime home and host "
+                                                             "checks")
     p.add_argument("--home", type=Path, default=None, help="runtime home (default: $BOXLITE_HOME, else "
                    "$XDG_CACHE_HOME/pytest-boxlite, else ~/.cache/pytest-boxlite)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
@@ -413,13 +493,15 @@ def parser() -> argparse.ArgumentParser:
     rm = images.add_parser("rm", help="remove images from the cache")
     rm.add_argument("refs", nargs="+", metavar="REF")
     rm.set_defaults(func=cmd_rm)
-    prune = images.add_parser("prune", help="remove unused data (snapshot templates and volume images unused "
-                                            "for a day), and images by age or total size")
+    about = ("remove images by age or total size, and cache entries (snapshot templates, volume images...) unused "
+             "for a day; not an alias of `boxlite cache prune`, which bounds the whole home by size")
+    prune = images.add_parser("prune", help=about, description=about)
     prune.add_argument("--older-than", type=float, metavar="DAYS",
                        help="remove images, snapshot templates and volume images unused for DAYS days")
     prune.add_argument("--max-size", type=float, metavar="GB",
                        help="remove least recently used images until the cache is under GB gigabytes")
     prune.set_defaults(func=cmd_prune)
+    add_cache_commands(sub)
     sub.add_parser("doctor", help="check that this host can run boxes").set_defaults(func=cmd_doctor)
     setup = sub.add_parser("setup", help="get this host ready: system packages (apt-get, as root), the default "
                                          "image and its boot snapshot, then doctor",

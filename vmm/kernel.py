@@ -127,7 +127,8 @@ def boot_files(kernels_dir: Path, kernel: Kernel) -> BootFiles:
         if files.vmlinux.is_file() and files.initramfs.is_file():
             return files
         log.info("building guest boot files for kernel %s in %s", kernel.release, out)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=kernels_dir))
+        # Named after `out` (whose lock the build holds): vmm/cache.py removes it if the build was interrupted.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=kernels_dir))
         try:
             (tmp / "vmlinux").write_bytes(extract_vmlinux(kernel.image.read_bytes()))
             (tmp / "initramfs.cpio").write_bytes(build_initramfs(kernel, agent_path, busybox))

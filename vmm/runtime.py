@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import engines, kernel, snapshot
+from . import cache, engines, kernel, snapshot
 from .box import Box, BoxInfo
 from .errors import BoxError, BoxNotFound
 from .home import Home
@@ -47,6 +47,7 @@ class Runtime:
         """`insecure_registries`: registries (host[:port]) that may be reached over plain http, besides
         loopback ones and `$BOXLITE_INSECURE_REGISTRIES`."""
         self.home = Home(home)
+        cache.configured_max(self.home.root)  # a cap that is not a size fails here, not at the end of the run
         self.insecure_registries = tuple(insecure_registries)
         self._kernel_args = (kernel_image, kernel_modules)
         self._kernel: kernel.Kernel | None = None
@@ -58,7 +59,10 @@ class Runtime:
         self._templates_built, self._template_seconds = 0, 0.0
         # Keys of boot snapshots that failed to restore, or had no room to be saved: those boxes boot.
         self._no_boot_snapshot: set[str] = set()
+        # The cache entries (templates, bases, kernel builds, ...) this runtime uses: not evicted until close().
+        self._holds = cache.Holds()
         self._sweep()
+        cache.sweep(self.home.root)
 
     @property
     def kernel(self) -> kernel.Kernel:
@@ -77,11 +81,40 @@ class Runtime:
             options = BoxOptions.from_dict({**options.to_dict(), **overrides})
         options = options.validated()
         engines.select(options.engine, self.kernel.release)  # a missing engine or kernel fails before any work
-        image = resolve_image(options.image, self.home.root, progress=self.progress,
-                              insecure_registries=self.insecure_registries)
+        image = self._resolve(options)
         box = Box(self, uuid.uuid4().hex, options, image, created=time.time())
         self._adopt(box)
         return box
+
+    def _resolve(self, options: BoxOptions) -> ResolvedImage:
+        """The image of these options, its base held for this runtime (resolved again if it was evicted
+        before the hold)."""
+        for _ in range(2):
+            image = resolve_image(options.image, self.home.root, progress=self.progress,
+                                  insecure_registries=self.insecure_registries)
+            if image.base is None or self._holds.holds(image.base):
+                return image
+            self._use(image.base, image.ref)
+            if image.base.exists():
+                return image
+        return image
+
+    def _boot_files(self) -> kernel.BootFiles:
+        """The kernel's boot files, held for this runtime (built again if they were evicted before the hold)."""
+        boot = kernel.boot_files(self.home.kernels, self.kernel)
+        if not self._holds.holds(boot.vmlinux.parent):
+            self._use(boot.vmlinux.parent)
+            boot = kernel.boot_files(self.home.kernels, self.kernel)
+        return boot
+
+    def _use(self, path: Path, what: str = "") -> None:
+        """Hold the cache entry at `path` (if it is in this home) until close(): it is not evicted meanwhile."""
+        if path.is_relative_to(self.home.root):
+            self._holds.hold(path, what)
+
+    def _unuse(self, path: Path) -> None:
+        """No longer hold `path` (its build failed: nothing to keep)."""
+        self._holds.drop(path)
 
     def _adopt(self, box: Box) -> None:
         box._save()
@@ -101,8 +134,7 @@ class Runtime:
         """
         options = (options or BoxOptions()).validated()
         engine = engines.select(options.engine, self.kernel.release)
-        image = resolve_image(options.image, self.home.root, progress=self.progress,
-                              insecure_registries=self.insecure_registries)
+        image = self._resolve(options)
         snapshot.check_snapshottable(options, image, engine)
         return snapshot.get_or_build(self, options, image, engine, warmup, key)
 
@@ -194,7 +226,8 @@ class Runtime:
                                   self._templates_built, self._template_seconds)
 
     def close(self) -> None:
-        """Stop every box this runtime started; remove the ephemeral ones."""
+        """Stop every box this runtime started; remove the ephemeral ones; then evict the least recently used
+        cache entries no live process uses while the home is over its cap (vmm/cache.py)."""
         with self._lock:
             boxes = list(self._boxes.values())
         errors = []
@@ -205,6 +238,8 @@ class Runtime:
                 errors.append(exc)
             if box.status == "created" and box._auto_remove:
                 box._remove_files()
+        self._holds.release()
+        cache.make_room(self.home.root, 0)
         if errors:
             raise errors[0]
 
@@ -239,11 +274,15 @@ class Runtime:
             self._execs += 1
 
     def _sweep(self) -> None:
-        """Forget ephemeral boxes whose process died without cleaning up (SIGKILL, power loss)."""
+        """Forget ephemeral boxes whose process died without cleaning up (SIGKILL, power loss), and box
+        directories that never got their state file (their process died creating them)."""
         for path in self.home.boxes.iterdir():
             try:
                 state = json.loads((path / "box.json").read_text())
             except (OSError, ValueError):
+                if not (path / "box.json").exists() and time.time() - path.stat().st_mtime > cache.ORPHAN_AGE_S:
+                    log.debug("removing box directory %s without state", path.name)
+                    shutil.rmtree(path, ignore_errors=True)
                 continue
             owner = state.get("owner")
             options = state.get("options", {})
@@ -253,12 +292,4 @@ class Runtime:
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return bool(pid) and cache.owner_pid_alive(int(pid))

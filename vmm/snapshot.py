@@ -2,9 +2,12 @@
 
 A template is a directory in the runtime home, named by a key over everything its saved state depends on
 (image, volumes, resources, kernel, agent, qemu, and what the caller's warm-up did). Its files:
-`ram` (the guest's RAM, written through while the template VM ran), `state` (qemu's device state, small)
-and `template.json` (written last: a directory without it is an unfinished build). Processes sharing the
+`ram` (the guest's RAM, written through while the template VM ran; its all-zero pages are deallocated after
+the save, so it takes on disk only what the guest wrote), `state` (qemu's device state, small) and
+`template.json` (written last: a directory without it is an unfinished build). Processes sharing the
 runtime home build each template once, under a file lock; a template that fails its checks is rebuilt.
+Templates are cache entries (vmm/cache.py): a runtime holds the use lock of those it uses, and the least
+recently used ones are evicted when the home is over its cap.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from . import agent, engines, kernel
+from . import agent, cache, engines, kernel
 from .box import Box
 from .errors import BoxError, ConfigError, ExecError
 from .execution import Execution, ExecutionState
@@ -49,6 +52,9 @@ BOOT_KEY = f"boot {BOOT_WARMUP}"  # the `extra` of boot templates
 EXEC_OPTIONS = {"env": {}, "working_dir": None, "user": None}
 # Room for the state file and metadata beside the RAM file, which can grow to the box's whole memory.
 SPACE_MARGIN_MIB = 64
+# What a new template is expected to take on disk, as a share of its box's memory, when making room for it
+# under the home's cap (measured: 80 MiB of 512 after the zero pages are dug out).
+EXPECTED_RAM_SHARE = 0.25
 
 
 class NoSpaceForTemplate(BoxError):
@@ -101,7 +107,9 @@ def _stat(path: Path | str) -> list[Any]:
 def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                  extra: str) -> str:
     """A digest of everything a template's saved RAM and devices depend on: change any, get a new template."""
-    boot = kernel.boot_files(runtime.home.kernels, runtime.kernel)
+    boot = runtime._boot_files()
+    for vol in options.volumes:  # volume images of the runtime home: in use from now on
+        runtime._use(Path(vol.host))
     parts = {
         "format": FORMAT,
         "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove", "snapshots")},
@@ -161,7 +169,6 @@ def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -
     if not (ram_ok and state_ok and meta.get("key") == key):
         log.warning("snapshot template %s is damaged (its RAM or state file changed): rebuilding it", directory)
         return None
-    os.utime(directory / "template.json")  # last used: what `boxlite images prune` goes by
     return template
 
 
@@ -173,16 +180,26 @@ def get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
 def _get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                   warmup: Warmup | None, key: str) -> Template:
     directory = runtime.home.templates / key[:32]
+    # In use from now until the runtime closes (first, so that no eviction removes it between check and use).
+    sources = [cache.note(Path(v.host)) or v.host for v in options.volumes]
+    about = f"{options.image or 'default'} image, {options.cpus} CPU, {options.memory_mib} MiB" + (
+        f"; volumes of {', '.join(sources)}" if sources else "")
+    runtime._use(directory, about)
     template = load(directory, key, options, image)
     if template is not None:
         return template
-    _check_space(runtime.home.templates, options)
-    with FileLock(str(directory) + ".lock"):
-        template = load(directory, key, options, image)  # another process built it while we waited
-        if template is not None:
-            return template
-        shutil.rmtree(directory, ignore_errors=True)
-        return _build(runtime, options, image, warmup, key, directory)
+    try:
+        cache.make_room(runtime.home.root, int((options.memory_mib << 20) * EXPECTED_RAM_SHARE))
+        _check_space(runtime.home.templates, options)
+        with FileLock(str(directory) + ".lock"):
+            template = load(directory, key, options, image)  # another process built it while we waited
+            if template is not None:
+                return template
+            shutil.rmtree(directory, ignore_errors=True)
+            return _build(runtime, options, image, warmup, key, directory, about)
+    except BaseException:
+        runtime._unuse(directory)
+        raise
 
 
 def _check_space(templates: Path, options: BoxOptions) -> None:
@@ -192,13 +209,13 @@ def _check_space(templates: Path, options: BoxOptions) -> None:
     if free_mib < options.memory_mib + SPACE_MARGIN_MIB:
         raise NoSpaceForTemplate(
             f"{templates} has {free_mib} MiB free, and a snapshot of a {options.memory_mib} MiB box needs up to "
-            f"{options.memory_mib + SPACE_MARGIN_MIB} MiB: free some space (`boxlite images prune` removes unused "
+            f"{options.memory_mib + SPACE_MARGIN_MIB} MiB: free some space (`boxlite cache prune` removes unused "
             "templates), or turn snapshots off (BoxOptions.snapshots=False, --boxlite-no-snapshots)"
         )
 
 
 def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
-           directory: Path) -> Template:
+           directory: Path, about: str) -> Template:
     started = time.monotonic()
     what = "boot snapshot" if warmup is _boot_warmup else "snapshot template"
     if runtime.progress:
@@ -214,7 +231,9 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
         execution, data = warmup(box) if warmup else (None, None)
         warm = execution.state() if execution is not None else None
         next_stream = box._snapshot(work / "state")
-        meta = {"key": key, "next_stream": next_stream, "warm": asdict(warm) if warm else None, "data": data,
+        cache.dig_holes(work / "ram")
+        meta = {"key": key, "about": about, "boot": warmup is _boot_warmup, "next_stream": next_stream,
+                "warm": asdict(warm) if warm else None, "data": data,
                 "state_sha256": hashlib.sha256((work / "state").read_bytes()).hexdigest(),
                 "built": time.time(), "build_seconds": time.monotonic() - started}
         (work / "template.json").write_text(json.dumps(meta, indent=1))
@@ -232,19 +251,3 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
         raise BoxError(f"the snapshot template just built in {directory} does not check out; is the disk full?")
     return template
 
-
-def prune(templates: Path, max_age_s: float) -> int:
-    """Remove templates (and unfinished builds) unused for `max_age_s` seconds; the bytes freed.
-    Boxes restored from a removed template keep running: their qemu maps the file it opened."""
-    freed = 0
-    for directory in templates.iterdir():
-        if not directory.is_dir():
-            continue
-        marker = directory / "template.json"
-        used = (marker if marker.exists() else directory).stat().st_mtime
-        if time.time() - used < max_age_s:
-            continue
-        with FileLock(str(directory).split(".tmp-")[0] + ".lock"):
-            freed += sum(f.stat().st_blocks * 512 for f in directory.iterdir())
-            shutil.rmtree(directory, ignore_errors=True)
-    return freed

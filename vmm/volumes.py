@@ -2,7 +2,8 @@
 (snapshot templates: a VM whose RAM another process maps cannot be restored copy-on-write).
 
 Images are named by a fingerprint of the tree (paths, modes, sizes, modification times), built once per
-fingerprint and shared by processes through the same file lock as image bases.
+fingerprint and shared by processes through the same file lock as image bases. They are cache entries
+(vmm/cache.py): a runtime whose boxes use one holds it; the least recently used are evicted over the cap.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import logging
 import os
 import shutil
 import stat
-import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import cache
 from .errors import ConfigError
 from .images.ext4 import Progress, build_ext4_base
 
@@ -71,8 +71,10 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
     skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in (*exclude, *inside))
     dest = store / f"{fingerprint(src, skip)}.ext4"
     if not dest.exists():
+        store.mkdir(parents=True, exist_ok=True)
+        cache.make_room(home, sum(st.st_blocks * 512 for _, st in _walk(src, skip)))
         if skip:
-            staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
+            staging = dest.parent / cache.staging_name(".staging-")  # says whose it is, for cache.sweep
             try:
                 _stage(src, staging, skip)
                 build_ext4_base(staging, dest, progress)
@@ -80,30 +82,12 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
                 shutil.rmtree(staging, ignore_errors=True)
         else:
             build_ext4_base(src, dest, progress)
-    # Last used, for `boxlite images prune`: beside the image, whose own times are part of template keys.
-    _used_marker(dest).touch()
+    cache.touch(dest, str(src))  # last used (and what for): the most recent entry, the last to be evicted
     return dest
-
-
-def _used_marker(image: Path) -> Path:
-    return image.with_name(image.name + ".used")
 
 
 def volume_dir(home: Path) -> Path:
     return home / "images" / "volumes"
-
-
-def prune(home: Path, max_age_s: float) -> int:
-    """Remove volume images unused for `max_age_s` seconds; the bytes freed."""
-    freed = 0
-    directory = volume_dir(home)
-    for path in directory.glob("*.ext4") if directory.exists() else ():
-        marker = _used_marker(path)
-        if time.time() - (marker if marker.exists() else path).stat().st_mtime >= max_age_s:
-            freed += path.stat().st_blocks * 512
-            path.unlink(missing_ok=True)
-            marker.unlink(missing_ok=True)
-    return freed
 
 
 def _stage(src: Path, staging: Path, skip: frozenset[str]) -> None:

@@ -249,7 +249,7 @@ class ImageIndex:
 # ---------------------------------------------------------------- garbage collection
 
 
-def _referenced_by_boxes(home: Path) -> set[str]:
+def referenced_by_boxes(home: Path) -> set[str]:
     """Base files named in box state: a stopped persistent box still needs its base."""
     keep = set()
     for state in (home / "boxes").glob("*/box.json"):
@@ -268,7 +268,7 @@ def collect_garbage(home: Path) -> int:
     images = Path(home) / "images"
     store = BlobStore(images)
     entries = ImageIndex(images).entries().values()
-    keep_bases = {os.path.realpath(base_path(home, e.image_id)) for e in entries} | _referenced_by_boxes(home)
+    keep_bases = {os.path.realpath(base_path(home, e.image_id)) for e in entries} | referenced_by_boxes(home)
     keep_blobs = {b for e in entries for b in e.blobs}
     freed = 0
     for base in (images / "bases").glob("*.ext4"):
