@@ -21,6 +21,8 @@ from vmm import BoxOptions, EngineUnavailable, GuestProtocolError, Runtime, kern
 
 from .conftest import ROOT, vm_processes
 
+pytest_plugins = ["pytester"]
+
 RSS_BOUND = 64 << 20  # the flood is 256 MiB: held by the host, it would show far above this
 FLOODS = {
     "stream0": r"the guest sent PONG on the control stream after READY",
@@ -63,6 +65,18 @@ def test_a_flooding_guest_is_cut_off_with_the_host_memory_bounded(runtime, flood
     assert re.search(FLOODS[flood], message), message
     assert growth < RSS_BOUND, f"the host grew by {growth >> 20} MiB while the guest flooded it"
     _wait_until_gone(box.id)
+
+
+def test_a_boxed_test_whose_guest_breaks_the_protocol_errors_with_it(pytester, runtime, flood_agent, monkeypatch):
+    monkeypatch.setenv("BOXLITE_HOME", str(runtime.home.root))  # pytester moves HOME; keep the image cache
+    monkeypatch.setenv("BOXLITE_AGENT", str(flood_agent))  # its box has no name: the agent floods stream 0
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess("--boxlite", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*box *: the guest broke the protocol (the guest sent PONG on the control stream after READY); the box was "
+        "stopped",
+    ])
 
 
 def _default_sigint() -> None:
