@@ -64,7 +64,7 @@ class ExecutionIO:
 
     def read(self, numbytes: int) -> bytes:
         if numbytes > HELD_MESSAGES:
-            self.refused = f"the worker sent a message of {numbytes} bytes (the limit is {HELD_MESSAGES})"
+            self.refused = f"the worker sent a message of {numbytes} bytes (the limit is {HELD_MESSAGES >> 20} MiB)"
             raise EOFError(self.refused)
         with self._room:  # the stream stops here, and flow control stops the guest
             self._room.wait_for(lambda: self._held + numbytes <= HELD_MESSAGES or self._closed)
