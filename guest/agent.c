@@ -63,8 +63,8 @@ static int stdio_mode, is_pid1, setup_done;
 static int log_fd = 2, chan_in = -1, chan_out = -1, sig_pipe[2] = {-1, -1};
 static unsigned char ibuf[HDR + MAX_PAYLOAD], obuf[HDR + MAX_PAYLOAD];
 static size_t ilen;
-static char *mounted[64];          /* what we mounted, unmounted in reverse at power off */
-static int nmounted;
+static char **mounted;             /* what we mounted, unmounted in reverse at power off */
+static size_t nmounted, mounted_cap;
 static char errbuf[512];
 
 static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -147,7 +147,7 @@ static void finish(int code)
 	kill_all_and_reap();
 	if (!is_pid1) exit(code);
 	sync();
-	for (int i = nmounted - 1; i >= 0; i--)
+	for (size_t i = nmounted; i-- > 0;)
 		if (umount2(mounted[i], 0) < 0) umount2(mounted[i], MNT_DETACH);
 	sync();
 	reboot(RB_POWER_OFF);
@@ -182,31 +182,38 @@ static void send_raw(uint32_t stream, int type, size_t len)
 	write_all(chan_out, obuf, HDR + len);
 }
 
+static void send_error(uint32_t stream, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A payload that does not fit a frame is not cut short: the stream gets an ERROR saying so instead. */
 static void send_frame(uint32_t stream, int type, const void *data, size_t len)
 {
-	if (len > MAX_PAYLOAD) len = MAX_PAYLOAD;
+	if (len > MAX_PAYLOAD) {
+		send_error(stream, "agent: a frame of type 0x%02x and %zu bytes exceeds %d", type, len, MAX_PAYLOAD);
+		return;
+	}
 	if (len) memmove(obuf + HDR, data, len);
 	send_raw(stream, type, len);
 }
 
-static void send_error(uint32_t stream, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void send_error(uint32_t stream, const char *fmt, ...)
 {
 	char b[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(b, sizeof b, fmt, ap);
+	int n = vsnprintf(b, sizeof b, fmt, ap);
 	va_end(ap);
+	if (n >= (int)sizeof b) memcpy(b + sizeof b - 4, "...", 4); /* a long message says it was cut */
 	if (stream == 0) logmsg("%s", b);
 	send_frame(stream, T_ERROR, b, strlen(b));
 }
 
-/* Outgoing records (small control replies only). */
-struct rb { unsigned char b[512]; size_t n; };
+/* Outgoing records (small control replies only). A record that does not fit marks the buffer as overflowed,
+ * and send_records() reports that instead of sending a reply with records missing. */
+struct rb { unsigned char b[512]; size_t n; int overflow; };
 
 static void rb_add(struct rb *r, char key, const void *v, size_t len)
 {
-	if (len > sizeof r->b || r->n + 5 + len > sizeof r->b) return;
+	if (len > sizeof r->b || r->n + 5 + len > sizeof r->b) { r->overflow = 1; return; }
 	r->b[r->n] = key;
 	put32(r->b + r->n + 1, len);
 	memcpy(r->b + r->n + 5, v, len);
@@ -220,11 +227,18 @@ static void rb_num(struct rb *r, char key, long long v)
 	rb_add(r, key, t, l);
 }
 
+static void send_records(uint32_t stream, int type, const struct rb *r)
+{
+	if (r->overflow) send_error(stream, "agent: the records of a frame of type 0x%02x exceed %zu bytes", type,
+	                            sizeof r->b);
+	else send_frame(stream, type, r->b, r->n);
+}
+
 static void send_credit(uint32_t stream, long long n)
 {
 	struct rb r = {.n = 0};
 	rb_num(&r, 'n', n);
-	send_frame(stream, T_CREDIT, r.b, r.n);
+	send_records(stream, T_CREDIT, &r);
 }
 
 /* ---------- incoming records ---------- */
@@ -307,11 +321,22 @@ static const char *do_mount(const char *src, const char *tgt, const char *type, 
 		snprintf(errbuf, sizeof errbuf, "mkdir %s: %s", tgt, strerror(errno));
 		return errbuf;
 	}
+	/* Room in the table first: a mount the agent could not unmount at power off would lose writes. */
+	if (nmounted == mounted_cap) {
+		size_t cap = mounted_cap ? 2 * mounted_cap : 32;
+		char **grown = realloc(mounted, cap * sizeof *grown);
+		if (!grown) return fail("mount table");
+		mounted = grown;
+		mounted_cap = cap;
+	}
+	char *copy = strdup(tgt);
+	if (!copy) return fail("mount table");
 	if (mount(src, tgt, type, fl, data) < 0) {
+		free(copy);
 		snprintf(errbuf, sizeof errbuf, "mount %s on %s: %s", type, tgt, strerror(errno));
 		return errbuf;
 	}
-	if (nmounted < (int)(sizeof mounted / sizeof *mounted)) mounted[nmounted++] = strdup(tgt);
+	mounted[nmounted++] = copy;
 	return NULL;
 }
 
@@ -856,7 +881,7 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t len)
 	pr->credit = OUT_WINDOW;
 	struct rb rb = {.n = 0};
 	rb_num(&rb, 'p', pid);
-	send_frame(stream, T_STARTED, rb.b, rb.n);
+	send_records(stream, T_STARTED, &rb);
 	goto out;
 closefds:
 	for (k = 0; k < 8; k++)
@@ -875,7 +900,7 @@ static void maybe_finish(struct proc *p)
 	struct rb rb = {.n = 0};
 	if (WIFSIGNALED(p->status)) rb_num(&rb, 's', WTERMSIG(p->status));
 	else rb_num(&rb, 'x', WEXITSTATUS(p->status));
-	send_frame(p->stream, T_EXIT, rb.b, rb.n);
+	send_records(p->stream, T_EXIT, &rb);
 	if (p->fd_in >= 0) close(p->fd_in);
 	free(p->inbuf);
 	memset(p, 0, sizeof *p);
@@ -1010,7 +1035,7 @@ static void do_stat(uint32_t stream)
 		np += e->d_name[0] >= '1' && e->d_name[0] <= '9';
 	if (d) closedir(d);
 	rb_num(&rb, 'n', np);
-	send_frame(stream, T_STAT, rb.b, rb.n);
+	send_records(stream, T_STAT, &rb);
 }
 
 /* Value of the last record with `key` as a number, or `dflt` if absent. -1: malformed. */
@@ -1026,6 +1051,24 @@ static int rec_num(const unsigned char *p, size_t len, char key, unsigned long l
 	return 0;
 }
 
+/* SETUP and RESUME records, checked as EXEC's are before anything is done: well-formed, no NUL byte in the
+ * values used as strings, a network flag of 0 or 1, a hostname that fits. NULL if they are fine. */
+static const char *check_setup_records(const unsigned char *p, size_t len)
+{
+	struct rec r;
+	const unsigned char *q = p, *end = p + len;
+	if (rec_check(p, len) < 0) return "malformed records";
+	while (rec_next(&q, end, &r) == 1) {
+		if (r.key && strchr("rwhtn", r.key) && memchr(r.v, 0, r.len)) {
+			snprintf(errbuf, sizeof errbuf, "value with NUL byte ('%c')", r.key);
+			return errbuf;
+		}
+		if (r.key == 'n' && !(r.len == 1 && (r.v[0] == '0' || r.v[0] == '1'))) return "bad network record (want 0 or 1)";
+		if (r.key == 'h' && (r.len == 0 || r.len > 64)) return "hostname must be 1 to 64 bytes";
+	}
+	return NULL;
+}
+
 static void dispatch(uint32_t stream, int type, const unsigned char *p, size_t len)
 {
 	struct proc *pr = NULL;
@@ -1037,14 +1080,15 @@ static void dispatch(uint32_t stream, int type, const unsigned char *p, size_t l
 	switch (type) {
 	case T_SETUP: {
 		if (setup_done) { send_error(0, "setup: already done"); return; }
-		const char *err = stdio_mode ? NULL : do_setup(p, len);
+		const char *err = check_setup_records(p, len);
+		if (!err && !stdio_mode) err = do_setup(p, len);
 		if (err) { send_error(0, "setup: %s", err); return; }
 		setup_done = 1;
 		send_frame(0, T_READY, NULL, 0);
 		return;
 	}
 	case T_RESUME: { /* the first message to a VM restored from a snapshot */
-		const char *err = !setup_done ? "not set up" : NULL;
+		const char *err = !setup_done ? "not set up" : check_setup_records(p, len);
 		struct rec r;
 		for (const unsigned char *q = p; !err && !stdio_mode && rec_next(&q, p + len, &r) == 1;)
 			if (r.key == 'd') err = setup_volume(r.v, r.len, 1);
@@ -1187,7 +1231,7 @@ int main(int argc, char **argv)
 	struct rb rb = {.n = 0};
 	rb_add(&rb, 'v', AGENT_VERSION, strlen(AGENT_VERSION));
 	if (uname(&un) == 0) rb_add(&rb, 'k', un.release, strlen(un.release));
-	send_frame(0, T_HELLO, rb.b, rb.n);
+	send_records(0, T_HELLO, &rb);
 	serve();
 	return 0;
 }

@@ -33,6 +33,9 @@ START_TIMEOUT = 600.0  # a worker's python start and `import pytest` (seconds un
 STOP_TIMEOUT = 60.0  # the last teardown and pytest_sessionfinish in the guest
 PING_TIMEOUT = 60.0  # a restored worker's first answer (~0.1 s under TCG)
 STDERR_TAIL = 16 << 10
+# The worker's messages the host holds before taking them (execnet's reader would hold any number): a bigger
+# message is refused, and past this much unreceived the reader waits (guest/PROTOCOL.md, "Host bounds").
+HELD_MESSAGES = 64 << 20
 PHASES = ("setup", "call", "teardown")
 # Runs in the guest's python, given `channel` by execnet. The host's site directories are processed as such
 # (not just put on sys.path) so that their .pth files, editable installs among them, work as on the host.
@@ -54,8 +57,18 @@ class ExecutionIO:
         self.execmodel = execmodel
         self._chunks: Iterator[bytes] = iter(execution.stdout)
         self._buffer = bytearray()
+        self._room = threading.Condition()
+        self._held = 0  # bytes read since the host last took a message
+        self._closed = False
+        self.refused: str | None = None  # why the worker's stream was cut off
 
     def read(self, numbytes: int) -> bytes:
+        if numbytes > HELD_MESSAGES:
+            self.refused = f"the worker sent a message of {numbytes} bytes (the limit is {HELD_MESSAGES >> 20} MiB)"
+            raise EOFError(self.refused)
+        with self._room:  # the stream stops here, and flow control stops the guest
+            self._room.wait_for(lambda: self._held + numbytes <= HELD_MESSAGES or self._closed)
+            self._held += numbytes
         while len(self._buffer) < numbytes:
             chunk = next(self._chunks, None)
             if chunk is None:
@@ -64,6 +77,12 @@ class ExecutionIO:
         data = bytes(self._buffer[:numbytes])
         del self._buffer[:numbytes]
         return data
+
+    def taken(self) -> None:
+        """The host took a message: what was read before it is no longer held here."""
+        with self._room:
+            self._held = 0
+            self._room.notify_all()
 
     def write(self, data: bytes) -> None:
         try:
@@ -75,6 +94,9 @@ class ExecutionIO:
         pass  # the output stream ends with the command
 
     def close_write(self) -> None:
+        with self._room:  # the gateway is ending: a reader waiting for room must not wait forever
+            self._closed = True
+            self._room.notify_all()
         try:
             self.execution.stdin.close()
         except (BoxliteError, OSError):
@@ -113,6 +135,7 @@ class Worker:
     _stderr: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=256))
     items_run: int = 0
     failed: bool = False
+    io: ExecutionIO | None = None
     # A worker restored from a snapshot taken after it collected: node id -> index in its list of items.
     positions: Mapping[str, int] | None = None
     collected: tuple[list[str], list[Any]] = ([], [])  # and what it did not collect, with the errors
@@ -171,8 +194,9 @@ class Worker:
         threading.Thread(target=worker._drain_stderr, name=f"boxlite-stderr-{box.id[:8]}", daemon=True).start()
         spec = execnet.XSpec(f"popen//id=box-{box.id[:8]}//execmodel=thread")
         group.allocate_id(spec)
+        worker.io = ExecutionIO(execution, group.execmodel)
         try:
-            gateway = connect(ExecutionIO(execution, group.execmodel), spec)
+            gateway = connect(worker.io, spec)
         except (EOFError, OSError, AssertionError) as exc:
             raise worker.lost(f"python3 did not start in box {box.id[:12]} ({exc})") from None
         gateway.spec = spec
@@ -204,13 +228,17 @@ class Worker:
 
     def receive(self, timeout: float, doing: str) -> tuple[Any, ...]:
         try:
-            return self.channel.receive(timeout)
+            message = self.channel.receive(timeout)
+            if self.io is not None:
+                self.io.taken()
+            return message
         except self.channel.TimeoutError:
             raise WorkerTimeout(f"{doing} took more than {timeout:g} s in box {self.label}") from None
         except self.channel.RemoteError as exc:  # the worker's own code failed: its traceback says why
             raise self.lost(f"the pytest worker failed while {doing}:\n{exc.formatted}") from None
         except (EOFError, OSError) as exc:
-            raise self.lost(f"the worker ended while {doing} ({exc or 'end of stream'})") from None
+            why = (self.io.refused if self.io is not None else None) or exc or "end of stream"
+            raise self.lost(f"the worker ended while {doing} ({why})") from None
 
     def send(self, message: Any) -> None:
         try:

@@ -253,6 +253,26 @@ def test_resume_only_after_setup(agent):
     assert agent.recv() == (0, READY, b"")
 
 
+@pytest.mark.parametrize("kind, name", [(SETUP, "setup"), (RESUME, "resume")])
+@pytest.mark.parametrize("payload, error", [
+    (b"r\x00\x00\x10\x00root", "malformed records"),
+    (records(("r", "root"), ("h", "a\0b")), "value with NUL byte ('h')"),
+    (records(("r", "root\0x")), "value with NUL byte ('r')"),
+    (records(("r", "root"), ("n", "yes")), "bad network record (want 0 or 1)"),
+    (records(("r", "root"), ("h", "x" * 65)), "hostname must be 1 to 64 bytes"),
+])
+def test_setup_and_resume_records_are_checked(agent, kind, name, payload, error):
+    assert agent.recv()[:2] == (0, HELLO)
+    if kind == RESUME:
+        agent.send(0, SETUP, records(("r", "root"), ("w", "tmpfs")))
+        assert agent.recv() == (0, READY, b"")
+    agent.send(0, kind, payload)
+    assert agent.recv() == (0, ERROR, f"{name}: {error}".encode())
+    # Refused before anything was done: a good request still works.
+    agent.send(0, kind, records(("r", "root"), ("w", "tmpfs"), ("h", "box")))
+    assert agent.recv() == (0, READY, b"")
+
+
 def test_echo_exact_bytes(session):
     ex = session.run(["sh", "-c", "printf 'hello\\n'; printf 'oops' >&2"])
     assert ex.pid > 0

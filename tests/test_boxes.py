@@ -205,6 +205,7 @@ def test_bad_options_fail_before_any_vm(runtime, tmp_path):
         (dict(env={"1BAD": "x"}), "not a valid variable name"),
         (dict(working_dir="tmp"), "must be an absolute path"),
         (dict(disk_size_gb=0), "disk_size_gb=0 is out of range"),
+        (dict(name="x" * 65), "a box's name is its hostname: a string of at most 64 bytes"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             runtime.create(BoxOptions(**bad))

@@ -3,11 +3,12 @@ No VM here: the worker's channel is a scripted list of messages (the real exchan
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
 
-from pytest_boxlite.relay import Worker, WorkerLost
+from pytest_boxlite.relay import HELD_MESSAGES, ExecutionIO, Worker, WorkerLost
 
 
 class ScriptedChannel:
@@ -62,3 +63,41 @@ def test_plain_reports_and_the_report_sent_with_done():
 def test_malformed_messages_end_the_worker(message):
     with pytest.raises(WorkerLost, match="malformed|unexpected"):
         run(message)
+
+
+def test_the_worker_stream_holds_a_bounded_amount_of_unreceived_messages():
+    """execnet's reader takes whatever the worker sends; the host's side of the stream holds at most
+    HELD_MESSAGES bytes the host has not taken, then waits (and the box's flow control stops the guest)."""
+    chunk = b"x" * (1 << 20)
+    io = ExecutionIO(SimpleNamespace(stdout=iter([chunk] * 200)), None)
+    with pytest.raises(EOFError, match=f"a message of {HELD_MESSAGES + 1} bytes"):
+        io.read(HELD_MESSAGES + 1)
+    assert io.refused is not None and "the limit is" in io.refused
+    done = threading.Event()
+
+    def reader():
+        for _ in range(HELD_MESSAGES // len(chunk) + 1):
+            io.read(len(chunk))
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    assert not done.wait(1), "read past the bound while nothing was taken"
+    io.taken()
+    assert done.wait(10)
+    
+
+def test_a_reader_waiting_for_room_is_let_go_when_the_gateway_ends():
+    execution = SimpleNamespace(stdout=iter([b"x" * HELD_MESSAGES]), stdin=SimpleNamespace(close=lambda: None))
+    io = ExecutionIO(execution, None)
+    io.read(HELD_MESSAGES)
+    ended = threading.Event()
+
+    def reader():
+        with pytest.raises(EOFError):  # the worker's output has ended
+            io.read(1)
+        ended.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    assert not ended.wait(0.5)
+    io.close_write()
+    assert ended.wait(10)

@@ -301,7 +301,8 @@ class Box:
         def lost(reason: str, protocol: bool) -> BaseException:
             if protocol:
                 vm.kill_async()  # a guest that breaks the protocol is not talked to again
-                return GuestProtocolError(f"box {self.id}: {reason}; the VM was killed")
+                return GuestProtocolError(f"box {self.id}: the guest broke the protocol ({reason}); the box was "
+                                          "stopped", vm.console_tail())
             code = vm.wait(2.0)
             if code is not None and self.status == "running":
                 self.status = "crashed"

@@ -3,6 +3,10 @@
 The reader never writes (it would deadlock against a guest blocked on its own write), so every frame,
 credit grants included, goes out through the writer's queue. Frames that can be large (STDIN) are
 bounded by the guest's credit, so the queue stays small even when a hostile guest stops reading.
+
+Nothing the guest sends is held without bound (guest/PROTOCOL.md, "Host bounds"): the control stream takes
+a few frames before READY and none after it; frames for streams the host has not open are dropped, a few of
+them; more of either is a protocol violation, which ends the connection.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from .errors import BoxError, GuestProtocolError
 from .protocol import FrameDecoder, T, frame
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_FRAMES = 4  # control frames held before READY (HELLO, then READY or ERROR; more is no handshake)
+STRAY_FRAMES = 64  # frames for streams not open (late answers to requests given up on) before the guest is cut off
 
 
 class StreamHandler(Protocol):
@@ -58,6 +65,8 @@ class Channel:
         self._streams: dict[int, StreamHandler] = {}
         self._ids = itertools.count(first_stream)
         self._control: queue.Queue[tuple[T, bytes] | BaseException] = queue.Queue()
+        self._ready = False  # READY came: from now on the control stream carries nothing from the guest
+        self._strays = 0
         self._out: queue.Queue[bytes | None] = queue.Queue()
         self.error: BaseException | None = None
         self._reader = threading.Thread(target=self._read_loop, name="boxlite-channel-reader", daemon=True)
@@ -122,7 +131,7 @@ class Channel:
             self.close_stream(stream)
 
     def control(self, timeout: float) -> tuple[T, bytes]:
-        """The next frame on stream 0 (HELLO, READY, ERROR); TimeoutError if none comes."""
+        """The next frame of the handshake on stream 0 (HELLO, READY, ERROR); TimeoutError if none comes."""
         try:
             item = self._control.get(timeout=timeout)
         except queue.Empty:
@@ -143,20 +152,36 @@ class Channel:
                 for kind, stream, payload in decoder.feed(data):
                     self._dispatch(kind, stream, payload)
         except GuestProtocolError as exc:
-            self._lose(f"protocol error: {exc}", protocol=True)
+            self._lose(str(exc), protocol=True)
         except OSError as exc:
             self._lose(f"the channel to the guest failed: {exc}")
 
     def _dispatch(self, kind: T, stream: int, payload: bytes) -> None:
         if stream == 0:
-            self._control.put((kind, payload))
+            self._on_control(kind, payload)
             return
         with self._lock:
             handler = self._streams.get(stream)
         if handler is None:
+            self._strays += 1
+            if self._strays > STRAY_FRAMES:
+                raise GuestProtocolError(f"the guest sent more than {STRAY_FRAMES} frames for streams that are "
+                                         f"not open (the last: {kind.name} on stream {stream})")
             log.debug("dropping %s for closed stream %d", kind.name, stream)
             return
         handler.on_frame(kind, payload)
+
+    def _on_control(self, kind: T, payload: bytes) -> None:
+        """The handshake's frames go to `control()`; after READY the guest has nothing to say on stream 0."""
+        if self._ready:
+            if kind == T.ERROR:  # the agent refused a request: host and guest no longer agree
+                text = payload[:500].decode("utf-8", errors="replace")
+                raise GuestProtocolError(f"the agent refused a request: {text!r}")
+            raise GuestProtocolError(f"the guest sent {kind.name} on the control stream after READY")
+        if self._control.qsize() >= HANDSHAKE_FRAMES:
+            raise GuestProtocolError(f"the guest sent more than {HANDSHAKE_FRAMES} control frames before READY")
+        self._ready = kind == T.READY
+        self._control.put((kind, payload))
 
     def _lose(self, reason: str, protocol: bool = False) -> None:
         with self._lock:

@@ -44,7 +44,8 @@ class LibkrunError(BoxError):
 
 
 class GuestProtocolError(BoxError):
-    """The guest sent something the host refuses (oversized or malformed frames)."""
+    """The guest broke the wire protocol (a malformed, oversized or unexpected frame, or more than a bound the
+    protocol sets): the host stopped talking to it and killed its VM."""
 
 
 class BoxNotFound(BoxError, KeyError):

@@ -100,7 +100,10 @@ class Execution:
         self.stdin = _Stdin(self)
         self._channel = channel
         self._cond = threading.Condition()
-        self._chunks: dict[int, collections.deque[bytes]] = {STDOUT: collections.deque(), STDERR: collections.deque()}
+        # Small frames are joined into the last chunk: what a guest sending 1-byte frames costs in memory is
+        # the bytes, not an object per byte.
+        self._chunks: dict[int, collections.deque[bytearray]] = {STDOUT: collections.deque(),
+                                                                 STDERR: collections.deque()}
         self._buffered = 0
         self._unacked = 0
         self._window = OUTPUT_WINDOW  # what the guest may still send; overrunning it is a protocol violation
@@ -135,14 +138,21 @@ class Execution:
                 self._window -= len(payload)
                 if self._window < 0:
                     raise GuestProtocolError("the guest sent output beyond its flow-control window")
-                self._chunks[STDOUT if kind == T.STDOUT else STDERR].append(payload)
+                chunks = self._chunks[STDOUT if kind == T.STDOUT else STDERR]
+                if chunks and len(chunks[-1]) + len(payload) <= MAX_PAYLOAD:
+                    chunks[-1] += payload
+                else:
+                    chunks.append(bytearray(payload))
                 self._buffered += len(payload)
                 self._unacked += len(payload)
                 self._grant()
             elif kind == T.STARTED:
                 self.pid = record_int(parse_records(payload), "p")
             elif kind == T.CREDIT:
+                # The guest returns what it took in: more than the window is credit it never had to give.
                 self._stdin_credit += record_int(parse_records(payload), "n") or 0
+                if self._stdin_credit > STDIN_WINDOW:
+                    raise GuestProtocolError("the guest granted more stdin credit than the window")
             elif kind == T.EXIT:
                 recs = parse_records(payload)
                 sig = record_int(recs, "s")
@@ -194,7 +204,7 @@ class Execution:
             chunk = self._chunks[fd].popleft()
             self._buffered -= len(chunk)
             self._grant()
-            return chunk
+            return bytes(chunk)
 
     def _write_stdin(self, data: bytes) -> None:
         view = memoryview(data)

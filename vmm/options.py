@@ -81,7 +81,7 @@ class BoxOptions:
     disk_size_gb: int | None = None  # a persistent upper layer of this size; None: ephemeral (RAM)
     auto_remove: bool = True  # remove the box's state when it stops (ignored with a persistent disk)
     engine: str = "auto"
-    name: str | None = None
+    name: str | None = None  # also its hostname: at most 64 bytes
     # start() restores a saved boot of a box with the same make-up (saved by the first start) instead of
     # booting; False always boots. Boxes that cannot be snapshotted (virtiofs volumes, a persistent disk,
     # the host image, libkrun) boot either way.
@@ -107,6 +107,9 @@ class BoxOptions:
                 raise ConfigError(f"env: {key!r} is not a valid variable name")
             if not isinstance(value, str) or "\0" in value:
                 raise ConfigError(f"env: the value of {key} must be a string without NUL bytes")
+        if self.name is not None and (not isinstance(self.name, str) or len(self.name.encode()) > 64
+                                      or "\0" in self.name):
+            raise ConfigError(f"name={self.name!r}: a box's name is its hostname: a string of at most 64 bytes")
         if self.working_dir is not None and not self.working_dir.startswith("/"):
             raise ConfigError(f"working_dir={self.working_dir!r} must be an absolute path in the box")
         guests = set()

@@ -83,26 +83,33 @@ def record_int(recs: dict[str, list[bytes]], key: str) -> int | None:
 
 
 class FrameDecoder:
-    """Incremental decoder for bytes from the guest. Refuses oversized frames and unknown types."""
+    """Incremental decoder for bytes from the guest. Refuses oversized frames and unknown types.
+
+    What it holds is bounded by one frame plus one `feed()`; consumed bytes are dropped once a feed, not once
+    a frame (a flood of tiny frames must not make each one cost a move of the whole buffer)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> Iterator[tuple[T, int, bytes]]:
         self._buf += data
-        while len(self._buf) >= HEADER.size:
-            length, stream, kind = HEADER.unpack_from(self._buf)
-            if length > MAX_PAYLOAD:
-                raise GuestProtocolError(f"guest sent a frame of {length} bytes (limit {MAX_PAYLOAD})")
-            try:
-                kind = T(kind)
-            except ValueError:
-                raise GuestProtocolError(f"guest sent unknown frame type 0x{kind:02x}") from None
-            if kind not in GUEST_TYPES:
-                raise GuestProtocolError(f"guest sent a host-only frame type {kind.name}")
-            end = HEADER.size + length
-            if len(self._buf) < end:
-                return
-            payload = bytes(self._buf[HEADER.size : end])
-            del self._buf[:end]
-            yield kind, stream, payload
+        pos = 0
+        try:
+            while len(self._buf) - pos >= HEADER.size:
+                length, stream, kind = HEADER.unpack_from(self._buf, pos)
+                if length > MAX_PAYLOAD:
+                    raise GuestProtocolError(f"guest sent a frame of {length} bytes (limit {MAX_PAYLOAD})")
+                try:
+                    kind = T(kind)
+                except ValueError:
+                    raise GuestProtocolError(f"guest sent unknown frame type 0x{kind:02x}") from None
+                if kind not in GUEST_TYPES:
+                    raise GuestProtocolError(f"guest sent a host-only frame type {kind.name}")
+                end = pos + HEADER.size + length
+                if len(self._buf) < end:
+                    return
+                payload = bytes(self._buf[pos + HEADER.size : end])
+                pos = end
+                yield kind, stream, payload
+        finally:
+            del self._buf[:pos]
