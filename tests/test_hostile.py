@@ -38,9 +38,7 @@ def flood_agent(runtime, tmp_path_factory) -> Path:
     subprocess.run([os.environ.get("CC", "cc"), "-static", "-O2", "-o", str(binary),
                     str(ROOT / "tests" / "hostile" / "flood_agent.c")], check=True)
     # Its initramfs is built now, not inside the measurement (unpacking the kernel takes memory of its own).
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("BOXLITE_AGENT", str(binary))
-        kernel.boot_files(runtime.home.kernels, runtime.kernel)
+    kernel.boot_files(runtime.home.kernels, runtime.kernel, binary)
     return binary
 
 

@@ -190,17 +190,20 @@ def test_a_changed_agent_changes_the_boot_files_and_snapshot_keys(runtime, tmp_p
     built = agent.binary()
     changed = tmp_path / "boxlite-agent"
     changed.write_bytes(built.read_bytes() + b"\0")  # another agent, as a changed agent.c gives
+    reinstalled = tmp_path / "reinstalled-agent"
+    reinstalled.write_bytes(built.read_bytes())  # the same agent with a new mtime, as `pip install` leaves it
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "images").symlink_to(runtime.home.images)  # the session's images; boot files of its own
     runtime = Runtime(tmp_path / "home")
     engine = engines.select("auto", runtime.kernel.release)
     image = resolve_image(None, runtime.home.root)
     keys, boot = [], []
-    for path in (built, changed):
+    for path in (built, changed, reinstalled):
         monkeypatch.setenv("BOXLITE_AGENT", str(path))
-        boot.append(kernel.boot_files(runtime.home.kernels, runtime.kernel).initramfs)
+        boot.append(kernel.boot_files(runtime.home.kernels, runtime.kernel, path).initramfs)
         keys.append(snapshot.template_key(runtime, BoxOptions(), image, engine, snapshot.BOOT_KEY))
     assert boot[0] != boot[1] and keys[0] != keys[1]
+    assert boot[2] == boot[0] and keys[2] == keys[0]  # keyed by content: a reinstall keeps boot files and snapshots
     assert changed.read_bytes() in boot[1].read_bytes()  # the new initramfs holds the new agent as /init
 
 

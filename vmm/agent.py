@@ -8,6 +8,8 @@ binary, and the boot files and snapshots keyed on it are rebuilt.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -24,14 +26,15 @@ PACKAGED = Path(__file__).resolve().parent / "bin" / "boxlite-agent"  # put ther
 SOURCE = Path(__file__).resolve().parent.parent / "guest" / "agent.c"  # a source checkout (editable install)
 
 
-def binary() -> Path:
-    """The agent to boot: `$BOXLITE_AGENT`, the packaged one, or a checkout's, built as needed."""
+def binary(home: Path | None = None) -> Path:
+    """The agent to boot: `$BOXLITE_AGENT`, the packaged one, or a checkout's, built as needed into the runtime
+    home `home` (default: the one `$BOXLITE_HOME` names)."""
     if os.environ.get("BOXLITE_AGENT"):
         return Path(os.environ["BOXLITE_AGENT"])
     if PACKAGED.is_file():
         return PACKAGED
     if SOURCE.is_file():
-        return compiled(SOURCE, default_home().expanduser().resolve() / "agent")
+        return compiled(SOURCE, (home or default_home()).expanduser().resolve() / "agent")
     raise EngineUnavailable(
         f"pytest-boxlite's guest agent is missing: neither {PACKAGED} (installed from a wheel) nor {SOURCE} "
         "(a source checkout) exists. Reinstall pytest-boxlite (`pip install --force-reinstall pytest-boxlite`), "
@@ -54,3 +57,15 @@ def compiled(source: Path, directory: Path) -> Path:
             except agent_build.AgentBuildError as exc:
                 raise EngineUnavailable(str(exc)) from None
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def digest(path: Path) -> str:
+    """The agent's content digest, for cache keys: a reinstalled but identical agent (new mtime) keeps the boot
+    files and snapshots made with it."""
+    st = path.stat()
+    return _digest(path, st.st_size, st.st_mtime_ns)

@@ -106,18 +106,18 @@ def _version_key(path: Path) -> list:
     return [int(p) if p.isdigit() else p for p in path.name.replace("-", ".").split(".")]
 
 
-def boot_files(kernels_dir: Path, kernel: Kernel) -> BootFiles:
-    """The cached vmlinux + initramfs for this kernel, built once under a file lock."""
-    agent_path = agent.binary()
+def boot_files(kernels_dir: Path, kernel: Kernel, agent_path: Path) -> BootFiles:
+    """The cached vmlinux + initramfs for this kernel and agent, built once under a file lock."""
     busybox = next((Path(p) for p in BUSYBOX if Path(p).is_file()), None)
     if busybox is None:
         raise EngineUnavailable("busybox not found: install it with `sudo apt-get install busybox-static`")
     key = hashlib.sha256()
     for part in (RECIPE, kernel.image, kernel.modules, MODULE_GROUPS):
         key.update(str(part).encode() + b"\0")
-    for path in (kernel.image, agent_path, busybox):
+    for path in (kernel.image, busybox):
         st = path.stat()
         key.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+    key.update(agent.digest(agent_path).encode())
     out = kernels_dir / f"{kernel.release}-{key.hexdigest()[:16]}"
     files = BootFiles(out / "vmlinux", out / "initramfs.cpio", kernel.release)
     if files.vmlinux.is_file() and files.initramfs.is_file():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import cache, engines, kernel, snapshot
+from . import agent, cache, engines, kernel, snapshot
 from .box import Box, BoxInfo
 from .errors import BoxError, BoxNotFound
 from .home import Home
@@ -101,10 +101,11 @@ class Runtime:
 
     def _boot_files(self) -> kernel.BootFiles:
         """The kernel's boot files, held for this runtime (built again if they were evicted before the hold)."""
-        boot = kernel.boot_files(self.home.kernels, self.kernel)
+        agent_path = agent.binary(self.home.root)
+        boot = kernel.boot_files(self.home.kernels, self.kernel, agent_path)
         if not self._holds.holds(boot.vmlinux.parent):
             self._use(boot.vmlinux.parent)
-            boot = kernel.boot_files(self.home.kernels, self.kernel)
+            boot = kernel.boot_files(self.home.kernels, self.kernel, agent_path)
         return boot
 
     def _use(self, path: Path, what: str = "") -> None:

@@ -116,7 +116,7 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
         "image": [image.ref, image.digest, _stat(image.base) if image.base else None],
         "volumes": [_stat(v.host) for v in options.volumes],
         "kernel": [_stat(boot.vmlinux), _stat(boot.initramfs)],
-        "agent": _stat(agent.binary()),
+        "agent": agent.digest(agent.binary(runtime.home.root)),
         "engine": engine.snapshot_key(),
         "extra": extra,
     }
