@@ -142,9 +142,10 @@ class BoxliteSession:
         from the image's files, not booted)."""
         if settings.python != "image" or settings.image == "host":
             return
+        runtime = self.runtime
         with self._lock:
             if settings.image not in self._image_pythons:
-                image = resolve_image(settings.image, self.runtime.home.root, self.runtime.progress)
+                image = resolve_image(settings.image, runtime.home.root, runtime.progress)
                 self._image_pythons[settings.image] = python_version(image.base) if image.base else None
             found = self._image_pythons[settings.image]
         host = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -159,10 +160,10 @@ class BoxliteSession:
     def interpreter(self) -> HostPython:
         """The host's interpreter as images for boxes (python="host"), built once per session (cached in the
         runtime home across sessions)."""
+        runtime = self.runtime
         with self._lock:
             if self._host_python is None:
-                self._host_python = host_python(self.runtime.home.root, self._shared_dirs(),
-                                                self.runtime.progress)
+                self._host_python = host_python(runtime.home.root, self._shared_dirs(), runtime.progress)
             return self._host_python
 
     def _shared_dirs(self) -> list[str]:
