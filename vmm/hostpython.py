@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .images.ext4 import Progress, build_ext4_base
+from .images.host import PRIVATE_ROOTS
 from .volumes import directory_image, volume_dir
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,12 @@ def check_supported() -> str:
             f'python="host" carries an interpreter installed under a prefix of its own (pyenv, uv, '
             f'setup-python, /opt, /usr/local); {sys.executable} is the system\'s (prefix {base}): {_HINT} '
             f'(the default image has Debian 12\'s python3.11), or use a python from pyenv or uv')
+    homes = {os.path.realpath(os.path.expanduser("~")), *PRIVATE_ROOTS}
+    for path in interpreter_dirs():
+        if path in homes:  # as the `host` image: a home directory is never imaged whole (secrets)
+            raise HostPythonUnsupported(f'python="host": the interpreter\'s files are {path}, a home directory, '
+                                        f'which boxes never get whole: use a virtual environment or an '
+                                        f'interpreter installed elsewhere, or {_HINT}')
     executable = os.path.realpath(sys.executable)
     if not executable.startswith(base + "/"):
         raise HostPythonUnsupported(f'python="host": {executable} is outside its prefix {base}: {_HINT}')
@@ -123,7 +130,7 @@ def host_python(home: Path, shared: Iterable[str], progress: Progress | None = N
     base_site = os.path.realpath(sysconfig.get_paths(vars={"base": base, "platbase": base})["purelib"])
     unused_site = None if base_site in {os.path.realpath(p) for p in sys.path} else base_site
     exclude = [p for p in (*shared, home_dir, unused_site) if p and p.startswith(base + "/")]
-    patched = _with_interp(Path(executable).read_bytes(), LOADER, executable)
+    patched = with_interpreter(Path(executable).read_bytes(), LOADER, executable)
     base_image = directory_image(base, home, [os.path.relpath(p, base) for p in exclude], progress,
                                  replace={os.path.relpath(executable, base): patched})
     dirs = [base, *(p for p in shared if not p.startswith(base + "/"))]
@@ -146,7 +153,7 @@ def _interp_range(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _with_interp(data: bytes, interp: str, name: str) -> bytes:
+def with_interpreter(data: bytes, interp: str, name: str) -> bytes:
     """`data` (an ELF executable) with its PT_INTERP path replaced in place by `interp` (padded with NULs)."""
     found = _interp_range(data)
     new = interp.encode()
