@@ -120,7 +120,7 @@ def check_supported() -> str:
 def host_python(home: Path, shared: Iterable[str], progress: Progress | None = None) -> HostPython:
     """The interpreter's images, built into `home` unless cached. `shared`: the other directories that boxes
     mount at their own paths (site directories, the venv): the libraries of their extension modules are
-    brought too, and those below the base prefix are left out of its image (mounted on their own)."""
+    brought too. Those below the base prefix (its site-packages without a venv) are in its image."""
     executable = check_supported()
     base = os.path.realpath(sys.base_prefix)
     shared = [os.path.realpath(p) for p in shared]
@@ -129,7 +129,7 @@ def host_python(home: Path, shared: Iterable[str], progress: Progress | None = N
     # venv's interpreter does not import from it, and it can be the biggest part of the prefix.
     base_site = os.path.realpath(sysconfig.get_paths(vars={"base": base, "platbase": base})["purelib"])
     unused_site = None if base_site in {os.path.realpath(p) for p in sys.path} else base_site
-    exclude = [p for p in (*shared, home_dir, unused_site) if p and p.startswith(base + "/")]
+    exclude = [p for p in (home_dir, unused_site) if p and p.startswith(base + "/")]
     patched = with_interpreter(Path(executable).read_bytes(), LOADER, executable)
     base_image = directory_image(base, home, [os.path.relpath(p, base) for p in exclude], progress,
                                  replace={os.path.relpath(executable, base): patched})
