@@ -16,9 +16,9 @@ Prints the per-test overhead of (c) and (d) over (b): the relay's cost, and a fr
 
 `--images`: instead, a suite that imports numpy (`--tests`, in a fresh venv with numpy and this plugin) under
 `pytest --boxlite` (scope=test, snapshots) with the default image and with the `host` image (both run the
-host's interpreter, python="host"): the template build time of each (numpy in the project), then `--repeat`
-interleaved runs with the templates cached; prints the per-test overhead of each over plain pytest on the host
-and their ratio.
+host's interpreter, python="host"), and with the default image's own python3 (python="image"): the template
+build time of each (numpy in the project), then `--repeat` interleaved runs with the templates cached; prints
+the per-test overhead of each over plain pytest on the host and the host image's over the default image's.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def run_pytest_output(directory: Path, *args: str, python: str = sys.executable)
 
 def images(tests: int, repeat: int) -> None:
     """The default and the `host` image on a suite that imports numpy (see the module's doc)."""
-    names = {"default": [], "host": ["--boxlite-image=host"]}
+    # The `host` image is the default root with the host's interpreter: python="host" on the default image is
+    # the same box (and template); python="image" is the image's own python3 (the host's version here).
+    names = {"default": [], "host": ["--boxlite-image=host"], "default, python=image": ["--boxlite-python=image"]}
     with tempfile.TemporaryDirectory(prefix="boxlite-bench-") as tmp:
         directory = Path(tmp) / "project"
         directory.mkdir()
@@ -92,7 +94,7 @@ def images(tests: int, repeat: int) -> None:
             print(f"{name} image, {tests} tests importing numpy: building the snapshot template", flush=True)
             _, out = run_pytest_output(directory, "--boxlite", *args, python=python)
             found = re.search(r"snapshot templates built \(([\d.]+) s\)", out)
-            builds[name] = float(found.group(1)) if found else float("nan")
+            builds[name] = f"{float(found.group(1)):.1f} s" if found else "none (an earlier one serves)"
         hosts: list[float] = []
         runs: dict[str, list[float]] = {name: [] for name in names}
         for run in range(1, repeat + 1):
@@ -109,8 +111,8 @@ def images(tests: int, repeat: int) -> None:
     for name in names:
         total = statistics.median(runs[name])
         overhead[name] = (total - host) / tests
-        print(f"{name:8} image: {total:7.2f} s; per-test overhead {overhead[name] * 1000:.0f} ms; "
-              f"template build (numpy in the project) {builds[name]:.1f} s; runs: "
+        print(f"{name + ' image:':28} {total:6.2f} s; per-test overhead {overhead[name] * 1000:.0f} ms; "
+              f"template build (numpy in the project) {builds[name]}; runs: "
               f"{', '.join(f'{r:.2f}' for r in runs[name])} s")
     print(f"host image / default image, per-test overhead: {overhead['host'] / overhead['default']:.2f}")
 

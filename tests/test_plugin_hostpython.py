@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from vmm.hostpython import LOADER, check_supported, with_interpreter
+from vmm.hostpython import LOADER, HostPythonUnsupported, check_supported, with_interpreter
 from vmm.images.default import remove_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,3 +206,14 @@ def test_the_executable_in_the_prefix_image_asks_for_the_relocated_loader(tmp_pa
     before = subprocess.run(["readelf", "-d", str(executable)], capture_output=True, text=True).stdout
     after = subprocess.run(["readelf", "-d", str(patched)], capture_output=True, text=True).stdout
     assert before.split("\n", 1)[1] == after.split("\n", 1)[1]
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda mp: mp.setattr("platform.libc_ver", lambda *a, **k: ("", "")), "musl"),
+    (lambda mp: mp.setattr(sys, "base_prefix", "/usr"), "the system's (prefix /usr)"),
+])
+def test_an_interpreter_that_cannot_be_carried_says_to_use_the_images_python(monkeypatch, change, says):
+    change(monkeypatch)
+    with pytest.raises(HostPythonUnsupported) as error:
+        check_supported()
+    assert says in str(error.value) and 'python="image"' in str(error.value)
