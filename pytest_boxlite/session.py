@@ -140,12 +140,15 @@ class BoxliteSession:
     def check_python(self, settings: Settings) -> None:
         """With python="image": PythonMismatch unless the image's python3 has the host's minor version (read
         from the image's files, not booted)."""
-        if settings.python != "image" or settings.image == "host":
+        if _runs_host_python(settings):
             return
         runtime = self.runtime
         with self._lock:
             if settings.image not in self._image_pythons:
-                image = resolve_image(settings.image, runtime.home.root, runtime.progress)
+                try:
+                    image = resolve_image(settings.image, runtime.home.root, runtime.progress)
+                except BoxliteError:
+                    return  # the image itself is the problem: each of its tests' boxes reports it
                 self._image_pythons[settings.image] = python_version(image.base) if image.base else None
             found = self._image_pythons[settings.image]
         host = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -180,9 +183,8 @@ class BoxliteSession:
         """
         rootpath = str(self.config.rootpath.resolve())
         interpreter: tuple[tuple[str, str, str], ...] = ()
-        if settings.python == "host" or settings.image == "host":
-            found = self.interpreter()
-            interpreter = found.volumes
+        if _runs_host_python(settings):
+            interpreter = self.interpreter().volumes
             sites = [p for p in self._shared_dirs() if not any(p == v[1] or _inside(p, v[1]) for v in interpreter)]
         else:
             sites = [p for p in site_directories() if p != rootpath]
@@ -206,10 +208,10 @@ class BoxliteSession:
         # The `host` image, for the plugin: the default image's root with the host's interpreter in it, so that
         # its boxes restore from snapshots like any other (the runtime's own `host` image is a virtiofs view of
         # the host's root, which a snapshot cannot hold; docs/images.md).
-        options = BoxOptions(image=None if settings.image == "host" else settings.image, engine=settings.engine, cpus=settings.cpus,
-                             memory_mib=settings.memory_mib, env=dict(settings.env), network=settings.network,
-                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep,
-                             snapshots=settings.snapshots)
+        options = BoxOptions(image=None if settings.image == "host" else settings.image, engine=settings.engine,
+                             cpus=settings.cpus, memory_mib=settings.memory_mib, env=dict(settings.env),
+                             network=settings.network, volumes=(*volumes, *settings.volumes),
+                             auto_remove=not self.settings.keep, snapshots=settings.snapshots)
         return options.validated()
 
     def _make_worker(self, key: Hashable) -> Worker:
@@ -248,7 +250,7 @@ class BoxliteSession:
 
     def _python(self, settings: Settings) -> str:
         """The command that starts the worker's python in the box."""
-        return self.interpreter().executable if settings.python == "host" or settings.image == "host" else "python3"
+        return self.interpreter().executable if _runs_host_python(settings) else "python3"
 
     @staticmethod
     def _worker_env() -> dict[str, str]:
@@ -487,6 +489,10 @@ class BoxliteSession:
 
 class PythonMismatch(ConfigError):
     """python="image" with an image whose python3 is not the host's minor version (or that has none)."""
+
+
+def _runs_host_python(settings: Settings) -> bool:
+    return settings.python == "host" or settings.image == "host"  # the `host` image is the host's interpreter
 
 
 def _inside(path: str, directory: str) -> bool:

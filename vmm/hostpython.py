@@ -14,8 +14,9 @@ keep theirs. LD_LIBRARY_PATH would reach those programs too, so the libraries ar
 loader's compiled-in search path is rewritten in place (same lengths) to look in GUEST_LIBS first and then
 only in /dev/ (where no library is), and its cache and preload files (/etc/ld.so.cache, /etc/ld.so.preload:
 the image's, made for its own glibc) are renamed to paths under /dev/ that do not exist. No root and no
-ldconfig: a cache of our own made with `ldconfig -r` would need chroot (root), and python runs as any user. Every process that runs the host's python executable (subprocess, multiprocessing via
-sys.executable) gets the same loader from the executable itself; the image's programs are untouched.
+ldconfig: a cache of our own made with `ldconfig -r` would need chroot (root), and pytest runs as any user.
+Every process that runs the host's python executable (subprocess, multiprocessing via sys.executable) gets
+the same loader from the executable itself; the image's programs are untouched.
 
 Only x86_64 glibc hosts whose interpreter lives under a prefix of its own (pyenv, uv, setup-python, a build
 in /opt or /usr/local) are supported; the others get an error that names python="image".
