@@ -13,12 +13,19 @@
 the relay's figure, which needs many tests (`--tests 1000`) to rise above the noise of guest start-up.
 
 Prints the per-test overhead of (c) and (d) over (b): the relay's cost, and a fresh VM's.
+
+`--images`: instead, a suite that imports numpy (`--tests`, in a fresh venv with numpy and this plugin) under
+`pytest --boxlite` (scope=test, snapshots) with the default image and with the `host` image (both run the
+host's interpreter, python="host"), and with the default image's own python3 (python="image"): the template
+build time of each (numpy in the project), then `--repeat` interleaved runs with the templates cached; prints
+the per-test overhead of each over plain pytest on the host and the host image's over the default image's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,15 +49,72 @@ def write_suite(directory: Path, tests: int) -> Path:
     return path
 
 
-def run_pytest(directory: Path, *args: str) -> float:
+def write_numpy_suite(directory: Path, tests: int) -> None:
+    lines = ["import numpy as np", ""]
+    lines += [f"def test_{i}():\n    assert np.ones({i + 1}).sum() == {i + 1}\n" for i in range(tests)]
+    (directory / "test_numpy.py").write_text("\n".join(lines))
+    (directory / "pytest.ini").write_text("[pytest]\n")
+
+
+def numpy_venv(directory: Path) -> str:
+    """The python of a fresh venv with numpy and this plugin (editable)."""
+    subprocess.run([sys.executable, "-m", "venv", str(directory)], check=True)
+    python = str(directory / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "numpy", "-e", str(ROOT)], check=True)
+    return python
+
+
+def run_pytest(directory: Path, *args: str, python: str = sys.executable) -> float:
+    return run_pytest_output(directory, *args, python=python)[0]
+
+
+def run_pytest_output(directory: Path, *args: str, python: str = sys.executable) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=directory,
+    done = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=directory,
                           capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"pytest {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
     print(f"    {done.stdout.strip().splitlines()[-1]}", flush=True)
-    return elapsed
+    return elapsed, done.stdout
+
+
+def images(tests: int, repeat: int) -> None:
+    """The default and the `host` image on a suite that imports numpy (see the module's doc)."""
+    # The `host` image is the default root with the host's interpreter: python="host" on the default image is
+    # the same box (and template); python="image" is the image's own python3 (the host's version here).
+    names = {"default": [], "host": ["--boxlite-image=host"], "default, python=image": ["--boxlite-python=image"]}
+    with tempfile.TemporaryDirectory(prefix="boxlite-bench-") as tmp:
+        directory = Path(tmp) / "project"
+        directory.mkdir()
+        write_numpy_suite(directory, tests)
+        python = numpy_venv(Path(tmp) / "venv")
+        builds = {}
+        for name, args in names.items():
+            print(f"{name} image, {tests} tests importing numpy: building the snapshot template", flush=True)
+            _, out = run_pytest_output(directory, "--boxlite", *args, python=python)
+            found = re.search(r"snapshot templates built \(([\d.]+) s\)", out)
+            builds[name] = f"{float(found.group(1)):.1f} s" if found else "none (an earlier one serves)"
+        hosts: list[float] = []
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        for run in range(1, repeat + 1):
+            print(f"run {run}/{repeat}: plain pytest on the host", flush=True)
+            hosts.append(run_pytest(directory, python=python))
+            for name, args in names.items():
+                print(f"run {run}/{repeat}: pytest --boxlite, {name} image", flush=True)
+                runs[name].append(run_pytest(directory, "--boxlite", *args, python=python))
+    host = statistics.median(hosts)
+    print()
+    print(f"medians of {repeat} interleaved runs, {tests} tests importing numpy, scope=test, snapshots on")
+    print(f"host: {host:.2f} s")
+    overhead = {}
+    for name in names:
+        total = statistics.median(runs[name])
+        overhead[name] = (total - host) / tests
+        print(f"{name + ' image:':28} {total:6.2f} s; per-test overhead {overhead[name] * 1000:.0f} ms; "
+              f"template build (numpy in the project) {builds[name]}; runs: "
+              f"{', '.join(f'{r:.2f}' for r in runs[name])} s")
+    print(f"host image / default image, per-test overhead: {overhead['host'] / overhead['default']:.2f}")
 
 
 def inside_one_box(directory: Path) -> tuple[float, float]:
@@ -81,7 +145,12 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=4, help="tests run with scope=test and booted VMs")
     parser.add_argument("--repeat", type=int, default=3, help="runs of (a)-(d), interleaved; medians")
     parser.add_argument("--relay-only", action="store_true", help="run (a), (b) and (c) only")
+    parser.add_argument("--images", action="store_true",
+                        help="the default and the host image on a suite that imports numpy, instead")
     options = parser.parse_args()
+    if options.images:
+        images(options.tests, options.repeat)
+        return
     clones_too = not options.relay_only
     n = options.tests
     with tempfile.TemporaryDirectory(prefix="boxlite-bench-") as tmp:

@@ -22,6 +22,7 @@ from vmm.options import ENGINES
 log = logging.getLogger(__name__)
 
 SCOPES = ("test", "module", "session")
+PYTHONS = ("host", "image")
 DEFAULT_TIMEOUT = 300.0
 YAML_NAME = "boxlite.yaml"
 
@@ -41,11 +42,12 @@ class Settings:
     scope: str = "test"  # "test": a fresh VM per test; "module"/"session": one VM reused within that scope
     pool_size: int | None = None  # warm boxes kept per box kind; None: sized to the host
     snapshots: bool = True  # scope=test boxes from a warmed-up template, box fixtures from a boot snapshot
+    python: str = "host"  # "host": the interpreter running pytest, carried into the box; "image": its python3
 
     def box_key(self) -> tuple[Any, ...]:
         """What makes two boxes interchangeable (the pool's key)."""
         return (self.image, self.engine, self.cpus, self.memory_mib, tuple(sorted(self.env.items())),
-                self.volumes, self.network)
+                self.volumes, self.network, self.python)
 
 
 # key -> (type check, description). Shared by yaml profiles, ini keys, command line and marker arguments.
@@ -74,9 +76,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scope": (lambda v: v in SCOPES, f"one of {', '.join(SCOPES)}"),
     "pool_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "snapshots": (lambda v: isinstance(v, bool), "true or false"),
+    "python": (lambda v: v in PYTHONS, f"one of {', '.join(PYTHONS)}"),
 }
 PROFILE_KEYS = tuple(k for k in CHECKS if k != "scope")
-MARKER_KEYS = ("image", "profile", "cpus", "memory_mib", "network", "timeout", "scope", "env")
+MARKER_KEYS = ("image", "profile", "cpus", "memory_mib", "network", "timeout", "scope", "env", "python")
 
 
 def check_values(values: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -106,7 +109,8 @@ class Profiles:
 
             default_profile: NAME          # optional; else a profile named "default" if there is one
             profiles:
-              NAME: {image, engine, cpus, memory_mib, env, volumes, network, timeout, pool_size}
+              NAME: {image, engine, cpus, memory_mib, env, volumes, network, timeout, pool_size, snapshots,
+                     python}
         """
         if path is None or not path.exists():
             return cls(path, {}, None)
@@ -164,6 +168,9 @@ INI: tuple[tuple[str, str, str, str], ...] = (
     ("boxlite_snapshots", "boxlite_snapshots", "bool",
      "scope test: restore each test's VM from a snapshot of a warmed-up one, and box fixtures from a boot "
      "snapshot (default true)"),
+    ("boxlite_python", "boxlite_python", "string",
+     "python of boxed tests: host (the interpreter running pytest, with its venv; the default) or image (the "
+     "image's python3, which must have the host's minor version)"),
 )
 
 
@@ -187,6 +194,10 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--boxlite-no-snapshots", dest="boxlite_snapshots", action="store_false", default=None,
                     help="boot every scope=test box and box fixture instead of restoring it from a snapshot "
                          "(slower; for comparison or when snapshots misbehave).")
+    group.addoption("--boxlite-python", metavar="PYTHON", default=None, choices=PYTHONS,
+                    help="python of boxed tests: host (the interpreter running pytest, its venv and packages, "
+                         "whatever python the image has; default) or image (the image's python3 with the "
+                         "host's pure-Python packages; it must have the host's minor version).")
     for key, _, kind, help_ in INI:
         parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]
 
@@ -203,7 +214,7 @@ def _ini_value(config: pytest.Config, key: str, kind: str) -> Any:
     if value is None or value == "":
         return None
     if kind == "bool" or key in ("boxlite_image", "boxlite_profile", "boxlite_config",
-                                                  "boxlite_engine", "boxlite_scope"):
+                                                  "boxlite_engine", "boxlite_scope", "boxlite_python"):
         return value
     try:
         return float(value) if key == "boxlite_timeout" else int(value)
@@ -250,6 +261,7 @@ class SessionConfig:
             "scope": ini["boxlite_scope"],
             "pool_size": ini["boxlite_pool_size"],
             "snapshots": pick(opt.boxlite_snapshots, "boxlite_snapshots"),
+            "python": pick(opt.boxlite_python, "boxlite_python"),
         }
         layers = check_values({k: v for k, v in layers.items() if v is not None}, tuple(CHECKS),
                               "command line / ini")

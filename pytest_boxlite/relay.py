@@ -141,9 +141,10 @@ class Worker:
     collected: tuple[list[str], list[Any]] = ([], [])  # and what it did not collect, with the errors
 
     @classmethod
-    def start(cls, box: Box, group: execnet.Group, env: Mapping[str, str], cwd: str, echo: bool) -> Worker:
-        """Start the worker in a running box and wait until pytest is imported there."""
-        execution = box.spawn("python3", "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))", env=env,
+    def start(cls, box: Box, group: execnet.Group, env: Mapping[str, str], cwd: str, echo: bool,
+              python: str = "python3") -> Worker:
+        """Start the worker (`python`: the command in the box) and wait until pytest is imported there."""
+        execution = box.spawn(python, "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))", env=env,
                               cwd=cwd)
 
         def bootstrap(io: ExecutionIO, spec: execnet.XSpec) -> execnet.Gateway:
@@ -198,7 +199,7 @@ class Worker:
         try:
             gateway = connect(worker.io, spec)
         except (EOFError, OSError, AssertionError) as exc:
-            raise worker.lost(f"python3 did not start in box {box.id[:12]} ({exc})") from None
+            raise worker.lost(f"python did not start in box {box.id[:12]} ({exc})") from None
         gateway.spec = spec
         group._register(gateway)  # execnet has no public way to adopt a gateway built on our own IO
         worker.gateway = gateway

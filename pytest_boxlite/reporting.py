@@ -39,7 +39,8 @@ class Reporting:
         if settings.scope == "test":
             snapshots = ", snapshots " + ("on" if session.snapshots_possible(settings) else "off")
         return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
-                f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}")
+                f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}, python "
+                f"{'host' if settings.image == 'host' else settings.python}")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Hashable, Mapping
@@ -25,6 +26,9 @@ import pytest
 from vmm import Box, BoxOptions, Execution, Runtime
 from vmm.engines import select as select_engine
 from vmm.errors import BoxliteError, ConfigError
+from vmm.hostpython import HostPython, HostPythonUnsupported, host_python, interpreter_dirs
+from vmm.images import resolve_image
+from vmm.images.probe import python_version
 from vmm.snapshot import NoSpaceForTemplate, Template
 from vmm.volumes import directory_image
 
@@ -79,6 +83,8 @@ class BoxliteSession:
         self._group = execnet.Group(execmodel="thread")
         self.pool = Pool(self._make_worker, settings.default_pool_size)
         self._retiring: list[threading.Thread] = []
+        self._host_python: HostPython | None = None
+        self._image_pythons: dict[str | None, str | None] = {}  # image -> its python3's X.Y (python="image")
 
     # -- the runtime, shared with the fixtures -------------------------------------------------------------
     @property
@@ -102,7 +108,10 @@ class BoxliteSession:
                 if not boxed:
                     continue
                 settings = self.settings.settings(args)
+                self.check_python(settings)
                 self.box_options(settings)  # a bad value fails this test now, not its box later
+            except (HostPythonUnsupported, PythonMismatch) as exc:
+                raise pytest.UsageError(f"pytest-boxlite: {exc}") from None  # once, before any test
             except ConfigError as exc:
                 self.errors[item.nodeid] = str(exc)
                 continue
@@ -121,20 +130,64 @@ class BoxliteSession:
 
     def snapshots_possible(self, settings: Settings) -> bool:
         """Whether boxes of `settings` can be clones of a snapshot template (else each one boots)."""
-        if settings.scope != "test" or not settings.snapshots or settings.volumes or settings.image == "host":
+        if settings.scope != "test" or not settings.snapshots or settings.volumes:
             return False
         try:
             return select_engine(settings.engine, self.runtime.kernel.release).snapshots
         except BoxliteError:
             return False  # the boot path reports it
 
+    def check_python(self, settings: Settings) -> None:
+        """With python="image": PythonMismatch unless the image's python3 has the host's minor version (read
+        from the image's files, not booted)."""
+        if _runs_host_python(settings):
+            return
+        runtime = self.runtime
+        with self._lock:
+            if settings.image not in self._image_pythons:
+                try:
+                    image = resolve_image(settings.image, runtime.home.root, runtime.progress)
+                except BoxliteError:
+                    return  # the image itself is the problem: each of its tests' boxes reports it
+                self._image_pythons[settings.image] = python_version(image.base) if image.base else None
+            found = self._image_pythons[settings.image]
+        host = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if found != host:
+            name = settings.image or "the default image"
+            has = f"python{found}" if found else "no python3"
+            raise PythonMismatch(
+                f'python="image": {name} has {has}, the host runs python{host} ({sys.executable}); its '
+                f'packages (and C extensions) are for {host}. Use python="host" (the default: the host\'s '
+                f'interpreter runs in the box) or an image with python{host}.')
+
+    def interpreter(self) -> HostPython:
+        """The host's interpreter as images for boxes (python="host"), built once per session (cached in the
+        runtime home across sessions)."""
+        runtime = self.runtime
+        with self._lock:
+            if self._host_python is None:
+                self._host_python = host_python(runtime.home.root, self._shared_dirs(), runtime.progress)
+            return self._host_python
+
+    def _shared_dirs(self) -> list[str]:
+        """The directories with the host's packages that boxes mount at their own paths, besides the project:
+        the site directories, and for python="host" the venv (its pyvenv.cfg and bin/)."""
+        rootpath = str(self.config.rootpath.resolve())
+        return [p for p in dict.fromkeys([*site_directories(), *interpreter_dirs()[1:]]) if p != rootpath]
+
     def box_options(self, settings: Settings, images: bool = False) -> BoxOptions:
-        """The box for `settings`: the project at its own path (copy-on-write), the host's packages read-only.
+        """The box for `settings`: the project at its own path (copy-on-write), the host's packages read-only,
+        and with python="host" the host's interpreter (always as images: see vmm/hostpython.py).
 
         `images`: as ext4 image files of those directories (for snapshot templates) instead of virtiofs shares.
         """
         rootpath = str(self.config.rootpath.resolve())
-        sites = [p for p in site_directories() if p != rootpath]
+        interpreter: tuple[tuple[str, str, str], ...] = ()
+        if _runs_host_python(settings):
+            interpreter = self.interpreter().volumes
+            sites = [p for p in self._shared_dirs() if not any(p == v[1] or _inside(p, v[1]) for v in interpreter)]
+        else:
+            sites = [p for p in site_directories() if p != rootpath]
         if images:
             home = self.runtime.home.root
 
@@ -150,11 +203,15 @@ class BoxliteSession:
         else:
             volumes = [(rootpath, rootpath, "cow")]
             volumes += [(p, p, "ro") for p in sites if not _inside(p, rootpath)]  # else the project has it
+        volumes += interpreter
         volumes.sort(key=lambda v: v[1].count("/"))  # a parent is mounted before what is mounted inside it
-        options = BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
-                             memory_mib=settings.memory_mib, env=dict(settings.env), network=settings.network,
-                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep,
-                             snapshots=settings.snapshots)
+        # The `host` image, for the plugin: the default image's root with the host's interpreter in it, so that
+        # its boxes restore from snapshots like any other (the runtime's own `host` image is a virtiofs view of
+        # the host's root, which a snapshot cannot hold; docs/images.md).
+        options = BoxOptions(image=None if settings.image == "host" else settings.image, engine=settings.engine,
+                             cpus=settings.cpus, memory_mib=settings.memory_mib, env=dict(settings.env),
+                             network=settings.network, volumes=(*volumes, *settings.volumes),
+                             auto_remove=not self.settings.keep, snapshots=settings.snapshots)
         return options.validated()
 
     def _make_worker(self, key: Hashable) -> Worker:
@@ -173,7 +230,8 @@ class BoxliteSession:
         box = self.runtime.create(options)
         try:
             box.start()
-            return Worker.start(box, self._group, self._worker_env(), str(self.config.rootpath), self._echo)
+            return Worker.start(box, self._group, self._worker_env(), str(self.config.rootpath), self._echo,
+                                self._python(self._kinds[key]))
         except BaseException:
             box.remove()
             raise
@@ -189,6 +247,10 @@ class BoxliteSession:
         except BaseException:
             box.remove()
             raise
+
+    def _python(self, settings: Settings) -> str:
+        """The command that starts the worker's python in the box."""
+        return self.interpreter().executable if _runs_host_python(settings) else "python3"
 
     @staticmethod
     def _worker_env() -> dict[str, str]:
@@ -219,11 +281,11 @@ class BoxliteSession:
                 return self._templates[key]
             items = self._snapshot_items[key]
             payload = self._unit_payload(items)
-            env, cwd = self._worker_env(), str(self.config.rootpath)
+            env, cwd, python = self._worker_env(), str(self.config.rootpath), self._python(self._kinds[key])
             started: list[Worker] = []
 
             def warmup(box: Box) -> tuple[Execution, dict[str, Any]]:
-                worker = Worker.start(box, self._group, env, cwd, self._echo)
+                worker = Worker.start(box, self._group, env, cwd, self._echo, python)
                 started.append(worker)
                 missing, errors = worker.begin(payload)
                 return worker.execution, worker.snapshot_data(payload["nodeids"], missing, errors)
@@ -232,7 +294,9 @@ class BoxliteSession:
             # run's id under pytest-xdist (new every run): each test gets this run's (Worker.run's `alone`).
             stable = {**payload, "workerinput": {k: v for k, v in (payload["workerinput"] or {}).items()
                                                  if k != "testrunuid"}}
-            extra = json.dumps([stable, env, cwd, PLUGIN_VERSION, WORKER_SOURCE], sort_keys=True, default=str)
+            # The interpreter's images are volumes of the box: their fingerprints are in the template's key.
+            extra = json.dumps([stable, env, cwd, python, PLUGIN_VERSION, WORKER_SOURCE], sort_keys=True,
+                               default=str)
             try:
                 template = self.runtime.template(self.box_options(self._kinds[key], images=True), warmup=warmup,
                                                  key=extra)
@@ -421,6 +485,14 @@ class BoxliteSession:
         finally:
             if self._runtime is not None:
                 self._runtime.close()
+
+
+class PythonMismatch(ConfigError):
+    """python="image" with an image whose python3 is not the host's minor version (or that has none)."""
+
+
+def _runs_host_python(settings: Settings) -> bool:
+    return settings.python == "host" or settings.image == "host"  # the `host` image is the host's interpreter
 
 
 def _inside(path: str, directory: str) -> bool:

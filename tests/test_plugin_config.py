@@ -63,6 +63,7 @@ def write_project(pytester, files):
     ({"yaml": "profiles:\n  p: {memory_mib: 64}\n"}, "*profile 'p': memory_mib=64 is invalid: use an integer in 128..65536*"),
     ({"yaml": "profile:\n  p: {}\n"}, "*boxlite.yaml: unknown key 'profile'*"),
     ({"args": "--boxlite-profile=nope"}, "*profile 'nope' is not defined in *boxlite.yaml*"),
+    ({"ini": "[pytest]\nboxlite_python = system\n"}, "*python='system' is invalid: use one of host, image*"),
 ])
 def test_unknown_keys_and_bad_values_are_usage_errors_naming_the_key(pytester, files, message):
     write_project(pytester, files)
@@ -116,15 +117,29 @@ def test_snapshots_setting(pytester, source, expected):
         assert f"snapshots {expected}," in header
 
 
+@pytest.mark.parametrize("source, expected", [
+    ({}, "host"),
+    ({"args": "--boxlite-python=image"}, "image"),
+    ({"ini": "[pytest]\nboxlite_python = image\n"}, "image"),
+    ({"yaml": "profiles:\n  default: {python: image}\n"}, "image"),
+    ({"args": "--boxlite-python=image --boxlite-image=host"}, "host"),  # the host image runs the host's python
+])
+def test_python_setting(pytester, source, expected):
+    write_project(pytester, source)
+    result = pytester.runpytest("--boxlite", "--collect-only", *source.get("args", "").split())
+    header = [line for line in result.outlines if line.startswith("boxlite:")][0]
+    assert header.endswith(f", python {expected}")
+
+
 def test_help_documents_every_option_and_ini_key(pytester):
     result = pytester.runpytest("--help")
     text = result.stdout.str()
     for option in ("--boxlite", "--boxlite-image", "--boxlite-profile", "--boxlite-engine", "--boxlite-timeout",
-                   "--boxlite-keep", "--boxlite-config", "--boxlite-no-snapshots"):
+                   "--boxlite-keep", "--boxlite-config", "--boxlite-no-snapshots", "--boxlite-python"):
         assert f"{option} " in text or f"{option}=" in text or f"{option}\n" in text, option
     for key in ("boxlite_image", "boxlite_profile", "boxlite_engine", "boxlite_timeout", "boxlite_keep",
                 "boxlite_config", "boxlite_cpus", "boxlite_memory_mib", "boxlite_network", "boxlite_scope",
-                "boxlite_pool_size", "boxlite_snapshots"):
+                "boxlite_pool_size", "boxlite_snapshots", "boxlite_python"):
         assert f"  {key} " in text, key
     markers = pytester.runpytest("--markers").stdout.str()
     assert "@pytest.mark.boxlite(image=None, profile=None" in markers

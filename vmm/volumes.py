@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from . import cache
@@ -43,8 +43,10 @@ def _walk(src: Path, exclude: frozenset[str]) -> Iterable[tuple[str, os.stat_res
                 stack.append(path)
 
 
-def fingerprint(src: Path, exclude: frozenset[str] = frozenset()) -> str:
+def fingerprint(src: Path, exclude: frozenset[str] = frozenset(), replace: Mapping[str, bytes] | None = None) -> str:
     digest = hashlib.sha256(str(src).encode())
+    for path, data in sorted((replace or {}).items()):
+        digest.update(f"\0replaced {path}\0{hashlib.sha256(data).hexdigest()}".encode())
     for path, st in _walk(src, exclude):
         if path in exclude:  # an empty directory in the image, whatever it holds on the host
             digest.update(f"\0{path}".encode())
@@ -55,8 +57,9 @@ def fingerprint(src: Path, exclude: frozenset[str] = frozenset()) -> str:
 
 
 def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[str] = (),
-                    progress: Progress | None = None) -> Path:
+                    progress: Progress | None = None, replace: Mapping[str, bytes] | None = None) -> Path:
     """An ext4 image of the directory `src` (minus `exclude`: paths below `src`), built unless cached.
+    `replace`: files (paths relative to `src`) whose content in the image is the given bytes instead.
 
     Files changed while the image is built may or may not be in it; the fingerprint of the next call sees
     the change and builds a new image.
@@ -69,14 +72,15 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
     # copy, which holds it again, and so on.
     inside = [os.path.relpath(store, src)] if store.is_relative_to(src) else []
     skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in (*exclude, *inside))
-    dest = store / f"{fingerprint(src, skip)}.ext4"
+    replace = {os.path.normpath(k): v for k, v in (replace or {}).items()}
+    dest = store / f"{fingerprint(src, skip, replace)}.ext4"
     if not dest.exists():
         store.mkdir(parents=True, exist_ok=True)
         cache.make_room(home, sum(st.st_blocks * 512 for _, st in _walk(src, skip)))
-        if skip:
+        if skip or replace:
             staging = dest.parent / cache.staging_name(".staging-")  # says whose it is, for cache.sweep
             try:
-                _stage(src, staging, skip)
+                _stage(src, staging, skip, replace)
                 build_ext4_base(staging, dest, progress)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -90,8 +94,9 @@ def volume_dir(home: Path) -> Path:
     return home / "images" / "volumes"
 
 
-def _stage(src: Path, staging: Path, skip: frozenset[str]) -> None:
-    """The tree minus `skip`, as hard links where the file system allows (else copies)."""
+def _stage(src: Path, staging: Path, skip: frozenset[str], replace: Mapping[str, bytes]) -> None:
+    """The tree minus `skip`, as hard links where the file system allows (else copies); the files of
+    `replace` written anew with their new content."""
     staging.mkdir(parents=True)
     shutil.copystat(src, staging)
     dirs = []
@@ -102,6 +107,9 @@ def _stage(src: Path, staging: Path, skip: frozenset[str]) -> None:
             dirs.append((source, target))
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(source), target)
+        elif stat.S_ISREG(st.st_mode) and path in replace:
+            target.write_bytes(replace[path])
+            shutil.copystat(source, target)
         elif stat.S_ISREG(st.st_mode):
             try:
                 os.link(source, target)
