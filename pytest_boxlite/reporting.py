@@ -26,7 +26,7 @@ class Reporting:
         session = self.session
         if session is None:
             return None
-        settings = session.settings.settings()
+        settings = session.with_usable_python(session.settings.settings())
         from vmm.engines import select
 
         try:
@@ -39,8 +39,7 @@ class Reporting:
         if settings.scope == "test":
             snapshots = ", snapshots " + ("on" if session.snapshots_possible(settings) else "off")
         return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
-                f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}, python "
-                f"{'host' if settings.image == 'host' else settings.python}")
+                f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}, python {settings.python}")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:

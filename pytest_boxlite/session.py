@@ -26,7 +26,7 @@ import pytest
 from vmm import Box, BoxOptions, Execution, Runtime
 from vmm.engines import select as select_engine
 from vmm.errors import BoxliteError, ConfigError
-from vmm.hostpython import HostPython, HostPythonUnsupported, host_python, interpreter_dirs
+from vmm.hostpython import HostPython, HostPythonUnsupported, host_python, interpreter_dirs, system_python
 from vmm.images import resolve_image
 from vmm.images.probe import python_version
 from vmm.snapshot import NoSpaceForTemplate, Template
@@ -85,6 +85,7 @@ class BoxliteSession:
         self._retiring: list[threading.Thread] = []
         self._host_python: HostPython | None = None
         self._image_pythons: dict[str | None, str | None] = {}  # image -> its python3's X.Y (python="image")
+        self._said_system_python = False
 
     # -- the runtime, shared with the fixtures -------------------------------------------------------------
     @property
@@ -107,7 +108,7 @@ class BoxliteSession:
                     getattr(item, "fixturenames", ()))
                 if not boxed:
                     continue
-                settings = self.settings.settings(args)
+                settings = self.with_usable_python(self.settings.settings(args))
                 self.check_python(settings)
                 self.box_options(settings)  # a bad value fails this test now, not its box later
             except (HostPythonUnsupported, PythonMismatch) as exc:
@@ -132,15 +133,32 @@ class BoxliteSession:
         """Whether boxes of `settings` can be clones of a snapshot template (else each one boots)."""
         if settings.scope != "test" or not settings.snapshots or settings.volumes:
             return False
+        if settings.image == "host" and not _runs_host_python(settings):
+            return False  # the host's root as it is, over virtiofs
         try:
             return select_engine(settings.engine, self.runtime.kernel.release).snapshots
         except BoxliteError:
             return False  # the boot path reports it
 
+    def with_usable_python(self, settings: Settings) -> Settings:
+        """`settings`, with python="image" where python="host" cannot be had: a distro's own python (prefix
+        /usr) has its files at the image's own paths, so the image's python3 runs instead (check_python then
+        requires its minor version); said once. The `host` image then shares the host's root as it is."""
+        if settings.python != "host" or not system_python():
+            return settings
+        with self._lock:
+            first, self._said_system_python = not self._said_system_python, True
+        if first:
+            (self.runtime.progress or log.warning)(
+                f"{sys.executable} is the system's python (prefix {sys.base_prefix}), which boxes cannot carry: "
+                f"boxed tests run the image's python3 (python=\"image\"); a python from pyenv, uv or "
+                f"setup-python runs as it is")
+        return replace(settings, python="image")
+
     def check_python(self, settings: Settings) -> None:
         """With python="image": PythonMismatch unless the image's python3 has the host's minor version (read
-        from the image's files, not booted)."""
-        if _runs_host_python(settings):
+        from the image's files, not booted). The `host` image's python3 is the host's own."""
+        if _runs_host_python(settings) or settings.image == "host":
             return
         runtime = self.runtime
         with self._lock:
@@ -208,7 +226,8 @@ class BoxliteSession:
         # The `host` image, for the plugin: the default image's root with the host's interpreter in it, so that
         # its boxes restore from snapshots like any other (the runtime's own `host` image is a virtiofs view of
         # the host's root, which a snapshot cannot hold; docs/images.md).
-        options = BoxOptions(image=None if settings.image == "host" else settings.image, engine=settings.engine,
+        carried = settings.image == "host" and _runs_host_python(settings)
+        options = BoxOptions(image=None if carried else settings.image, engine=settings.engine,
                              cpus=settings.cpus, memory_mib=settings.memory_mib, env=dict(settings.env),
                              network=settings.network, volumes=(*volumes, *settings.volumes),
                              auto_remove=not self.settings.keep, snapshots=settings.snapshots)
@@ -492,7 +511,8 @@ class PythonMismatch(ConfigError):
 
 
 def _runs_host_python(settings: Settings) -> bool:
-    return settings.python == "host" or settings.image == "host"  # the `host` image is the host's interpreter
+    """Whether boxes of `settings` run the host's interpreter carried in as images (vmm/hostpython.py)."""
+    return settings.python == "host"
 
 
 def _inside(path: str, directory: str) -> bool:

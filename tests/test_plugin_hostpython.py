@@ -217,3 +217,27 @@ def test_an_interpreter_that_cannot_be_carried_says_to_use_the_images_python(mon
     with pytest.raises(HostPythonUnsupported) as error:
         check_supported()
     assert says in str(error.value) and 'python="image"' in str(error.value)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").is_file(), reason="no system python3 (/usr/bin/python3)")
+def test_the_systems_python_runs_the_images_python3_and_says_so(tmp_path):
+    """A venv on the distro's own python cannot be carried (its files are the image's paths): the default image's
+    python3, the distro's too, runs the tests, restored from snapshots, and the run says why."""
+    venv = tmp_path / "system-venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True, capture_output=True)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_system.py").write_text(
+        "import sys\n\ndef test_version():\n    assert sys.version_info[:2] == (3, %d)\n\n"
+        "def test_fails():\n    assert False\n" % int(subprocess.run(
+            ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[1])"],
+            capture_output=True, text=True, check=True).stdout))
+    local = pytest_in(python, project)
+    boxed = pytest_in(python, project, "--boxlite")
+    assert outcomes(local) == outcomes(boxed) == {"test_system.py::test_version": "PASSED",
+                                                  "test_system.py::test_fails": "FAILED"}, boxed.stdout[-3000:]
+    assert "is the system's python" in boxed.stdout and 'python="image"' in boxed.stdout
+    assert "python image" in boxed.stdout  # the header says which python runs
+    assert restored(boxed) == 2

@@ -89,6 +89,12 @@ def interpreter_dirs() -> list[str]:
     return dirs
 
 
+def system_python() -> bool:
+    """Whether the running interpreter is the distro's own (prefix / or /usr): its files are at the paths of
+    every image's own system, so it cannot be carried into a box at its own paths."""
+    return os.path.realpath(sys.base_prefix) in _SYSTEM_PREFIXES
+
+
 def check_supported() -> str:
     """The real path of the python executable, or HostPythonUnsupported saying why not."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
@@ -98,7 +104,7 @@ def check_supported() -> str:
         raise HostPythonUnsupported(f'python="host" needs a glibc host python; {sys.executable} is not linked '
                                     f'with glibc (musl?): {_HINT}')
     base = os.path.realpath(sys.base_prefix)
-    if base in _SYSTEM_PREFIXES:
+    if system_python():
         raise HostPythonUnsupported(
             f'python="host" carries an interpreter installed under a prefix of its own (pyenv, uv, '
             f'setup-python, /opt, /usr/local); {sys.executable} is the system\'s (prefix {base}): {_HINT} '
@@ -251,5 +257,5 @@ def _build_libraries_image(dest: Path, loader: str, executable: str, objects: li
         shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["GUEST_LIBS", "HostPython", "HostPythonUnsupported", "check_supported", "host_python",
+__all__ = ["GUEST_LIBS", "HostPython", "HostPythonUnsupported", "check_supported", "host_python", "system_python",
            "interpreter_dirs"]
