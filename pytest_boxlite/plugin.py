@@ -8,12 +8,14 @@ the config's stash tells it to stay passive.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
 from vmm.errors import ConfigError
 
 from . import config as cfg
+from . import nodes
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,12 @@ MARKER_HELP = ("boxlite(image=None, profile=None, cpus=1, memory_mib=512, networ
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     cfg.add_options(parser)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Any:
+    nodes.announce(early_config)  # before any plugin reads the early options (a wrapper runs first)
+    return (yield)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,12 +67,29 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         boxlite.plan(session.items)
 
 
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    """The innermost wrapper: box workers end, and their nodes are reported down, before the other wrappers
+    (pytest-cov's) make their end of the loop."""
+    try:
+        return (yield)
+    finally:
+        boxlite = session.config.stash.get(SESSION_KEY, None)
+        if boxlite is not None:
+            boxlite.end()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
     boxlite = item.config.stash.get(SESSION_KEY, None)
     if boxlite is not None and boxlite.run(item):
         return True
     return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    nodes.forwarded_down(node)  # on a pytest-xdist controller: the box workers of that worker
 
 
 pytest_plugins = ["pytest_boxlite.fixtures"]
