@@ -87,6 +87,13 @@ class BoxNode:
         return f"<BoxNode {self.gateway.id}>"
 
 
+def wanted(config: pytest.Config) -> bool:
+    """Whether a plugin other than this one implements `pytest_testnodedown`: it gathers from workers."""
+    hook = getattr(config.hook, "pytest_testnodedown", None)
+    ours = config.pluginmanager.get_plugin("boxlite")
+    return hook is not None and any(impl.plugin is not ours for impl in hook.get_hookimpls())
+
+
 class Nodes:
     """The host's box nodes: configured when their worker starts, reported down from any thread, and the
     hook called on the main thread (`flush`), as pytest-xdist does."""
@@ -99,9 +106,14 @@ class Nodes:
         self._down: queue.SimpleQueue[tuple[BoxNode, str | None]] = queue.SimpleQueue()
 
     @property
+    def wanted(self) -> bool:
+        """Whether a plugin gathers what workers report at their end (pytest-cov with --cov does)."""
+        return wanted(self.config)
+
+    @property
     def gathering(self) -> bool:
-        """Whether a plugin wants what box workers report at their end (else they need not finish)."""
-        return self.active and bool(self.config.hook.pytest_testnodedown.get_hookimpls())
+        """Whether box workers must end their session for a plugin (else restored ones need not)."""
+        return self.active and self.wanted
 
     def configure(self, label: str) -> BoxNode | None:
         """A node for a new box worker, its workerinput set by the plugins; None when nodes are off."""

@@ -15,7 +15,7 @@ import pytest
 from vmm.errors import ConfigError
 
 from . import config as cfg
-from . import nodes
+from . import compat, nodes  # noqa: F401 - compat reads the state of coverage.py when loaded
 
 log = logging.getLogger(__name__)
 

@@ -121,6 +121,10 @@ class BoxliteSession:
             unit.items.append(item)
         for unit in units.values():
             self.pool.expect(unit.key)
+        if self.units and self.nodes.wanted and not self.nodes.active:
+            (self.runtime.progress or log.warning)(
+                "tests run in boxes without --boxlite (boxlite markers): plugins that gather data from workers "
+                "(pytest-cov) get none from their boxes; give --boxlite (or ini boxlite = true) to count them")
         log.debug("%d boxed tests in %d units", len(self.units), len(units))
 
     def snapshots_possible(self, settings: Settings) -> bool:
