@@ -1,9 +1,11 @@
-"""What cannot work in boxes, said once at start-up (a line of the report header): the plugins and tools
-that measure or gather from a run in ways boxes cannot give them. docs/compatibility.md lists every plugin."""
+"""Other plugins and tools with boxes: what cannot work, said once as the session starts, and the host's side
+of plugins that act in the box instead. docs/compatibility.md lists every plugin."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -31,3 +33,19 @@ def notices(config: pytest.Config, boxing: bool) -> list[str]:
                      "(pytest-cov) get none from boxes, whose lines are not counted. `pip install pytest-xdist` "
                      "(it need not be used: its hooks are how boxes report).")
     return [f"boxlite: warning: {text}" for text in found]
+
+
+class HostHooks:
+    """On the host, for the boxed tests (`boxed(item)`): what plugins do in the box, not around the relay."""
+
+    def __init__(self, boxed: Callable[[pytest.Item], bool]) -> None:
+        self.boxed = boxed
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
+        """pytest-timeout: its timer runs in the box (a timer on the host would interrupt the relay)."""
+        return True if self.boxed(item) else None
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        return True if self.boxed(item) else None

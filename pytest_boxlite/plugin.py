@@ -47,10 +47,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-boxlite: {exc}") from None
     from .session import BoxliteSession
 
-    config.stash[SESSION_KEY] = BoxliteSession(config, settings)
+    session = config.stash[SESSION_KEY] = BoxliteSession(config, settings)
     from . import reporting
 
     config.pluginmanager.register(reporting.Reporting(config), "boxlite-reporting")
+    config.pluginmanager.register(compat.HostHooks(session.boxes), "boxlite-compat")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

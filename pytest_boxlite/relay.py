@@ -255,7 +255,8 @@ class Worker:
 
     def run(self, index: int, timeout: float,
             alone: Mapping[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning", data) as they come.
+        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning" | "suite_property",
+        data) as they come.
         `alone` (a worker restored from a snapshot): run no other item after it; it holds this run's values
         of what the snapshot's may differ in (`workerinput` under pytest-xdist)."""
         self.send(("run", index, dict(alone) if alone is not None else None))
@@ -283,8 +284,11 @@ class Worker:
                     and data[1] == "passed" and all(isinstance(v, (int, float)) for v in data[2:])):
                 raise self.lost("the worker sent a malformed report")
             return kind, dict(zip(PLAIN_FIELDS, data))
-        if kind not in ("report", "warning") or not isinstance(data, dict):
+        if kind not in ("report", "warning", "suite_property") or not isinstance(data, dict):
             raise self.lost(f"unexpected message {str(kind)[:40]!r} from the worker")
+        if kind == "suite_property" and not (set(data) == {"name", "value"}
+                                             and all(isinstance(v, str) for v in data.values())):
+            raise self.lost("the worker sent a malformed suite property")
         return kind, data
 
     def finish(self, gather: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -302,8 +306,9 @@ class Worker:
         except (WorkerLost, WorkerTimeout) as exc:
             log.debug("worker in box %s did not finish cleanly: %s", self.label, exc)
             return None
-        if not (len(message) == 4 and message[0] == "finished" and isinstance(message[2], (dict, type(None)))
-                and isinstance(message[3], dict) and all(isinstance(k, str) for k in message[2] or {})):
+        if not (isinstance(message, (tuple, list)) and len(message) == 4 and message[0] == "finished"
+                and isinstance(message[2], (dict, type(None))) and isinstance(message[3], dict)
+                and all(isinstance(k, str) for k in message[2] or {})):
             log.debug("worker in box %s sent a malformed 'finished'", self.label)
             return None
         return message[2] or {}, message[3]

@@ -21,6 +21,7 @@ from typing import Any
 
 import execnet
 import pytest
+from _pytest import junitxml  # its stash key: where record_testsuite_property records
 
 from vmm import Box, BoxOptions, Execution, Runtime
 from vmm.engines import select as select_engine
@@ -273,6 +274,10 @@ class BoxliteSession:
         return self.config.getoption("capture") == "no"
 
     # -- running -------------------------------------------------------------------------------------
+    def boxes(self, item: pytest.Item) -> bool:
+        """Whether `item` runs in a box (or fails for a bad marker) instead of on the host."""
+        return item.nodeid in self.units or item.nodeid in self.errors
+
     def run(self, item: pytest.Item) -> bool:
         """Run `item` in its box and replay its reports; False when it is not a boxed item."""
         if item.nodeid in self.errors:
@@ -301,6 +306,10 @@ class BoxliteSession:
                 for kind, data in worker.run(position, unit.settings.timeout, alone):
                     if kind == "warning":
                         self._replay_warning(data)
+                    elif kind == "suite_property":
+                        xml = self.config.stash.get(junitxml.xml_key, None)  # None: no --junitxml
+                        if xml is not None:
+                            xml.add_global_property(data["name"], data["value"])
                     else:
                         self._replay(item, self._report(item, kind, data), worker, phases)
         except WorkerTimeout as exc:

@@ -8,6 +8,7 @@ has paid for that before a test needs it, then waits for its unit of work:
     host -> guest  ("run", index, alone)    guest -> host  ("report"|"plain"|"warning", data)...
                                                            then ("done", index, [the last report's message])
                    "plain": a report with nothing but its phase, outcome and times (see PLAIN_FIELDS)
+                   also ("suite_property", {"name": ..., "value": ...}): record_testsuite_property's
                    alone: None, or in a VM restored from a snapshot taken after collection, to run this item
                    only: {"workerinput": this run's, which may differ from the snapshot's}
     host -> guest  ("ping",)                guest -> host  ("pong",)
@@ -16,7 +17,7 @@ has paid for that before a test needs it, then waits for its unit of work:
 
 With `workerinput` (the host's box workers are pytest-xdist nodes to plugins: nodes.py), the guest's config has
 `config.workerinput` and `config.workeroutput` as an xdist worker's has, and runs without pytest-xdist itself
-(it has no workers to start; its fixtures `worker_id` and `testrun_uid` are given here). "collected" then
+(it has no workers to start; its fixtures `worker_id` and `testrun_uid` are given: guest_fixtures.py). "collected" then
 also says which workerinput keys the guest read so far: a snapshot template depends on their values.
 
 Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
@@ -25,16 +26,15 @@ Only builtin types cross the channel (execnet's serializer carries nothing else)
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import sys
-import uuid
 from typing import Any
 
 import execnet
 import pytest
 
+from . import guest_fixtures
 from .plugin import WORKER_KEY
 
 # Options that only the host acts on: the host selected the items (-k, -m, --lf, ...), counts failures (-x),
@@ -78,6 +78,15 @@ class WorkerPlugin:
         data["user_properties"] = [(str(k), v if isinstance(v, (str, int, float, bool)) else repr(v))
                                    for k, v in data.get("user_properties", [])]
         return data
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        """The host reports: the guest's terminal reporter writes nowhere (plugins write to it: pytest-timeout's
+        dump of the stacks)."""
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+            config.pluginmanager.register(pytest.TerminalReporter(config, open(os.devnull, "w")), "terminalreporter")
 
     @pytest.hookimpl
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -152,14 +161,14 @@ def serve(channel: Any) -> None:
     # As an xdist worker, pytest-xdist would start talking to a controller (pytest-rerunfailures, for one,
     # connects to its loopback port): the box worker is the xdist worker, pytest-xdist is not needed here.
     no_xdist = ["no:xdist", "no:xdist.looponfail"] if workerinput is not None else []
-    option["plugins"] = [*option.get("plugins", []), "no:terminal", *no_xdist]
+    option["plugins"] = [*option.get("plugins", []), *no_xdist]
     config = pytest.Config.fromdictargs(option, unit["args"])
     config.stash[WORKER_KEY] = True
     if workerinput is not None:
         config.workerinput = workerinput  # type: ignore[attr-defined]  # as under pytest-xdist
         config.workeroutput = {}  # type: ignore[attr-defined]
-        if importlib.util.find_spec("xdist") is not None:
-            config.pluginmanager.register(XdistFixtures(workerinput), "boxlite-xdist-fixtures")
+    config.stash[guest_fixtures.CHANNEL_KEY] = channel
+    config.pluginmanager.register(guest_fixtures, "boxlite-guest-fixtures")
     config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"], workerinput), "boxlite-worker")
     status = config.hook.pytest_cmdline_main(config=config)
     output = getattr(config, "workeroutput", None)
@@ -190,18 +199,3 @@ class WorkerInput(dict):  # type: ignore[type-arg]
     def __contains__(self, key: object) -> bool:
         self.read.add(str(key))
         return super().__contains__(key)
-
-
-class XdistFixtures:
-    """pytest-xdist's fixtures, with the values they have in the host's process."""
-
-    def __init__(self, workerinput: WorkerInput) -> None:
-        self.workerinput = workerinput
-
-    @pytest.fixture(scope="session")
-    def worker_id(self) -> str:
-        return str(self.workerinput.get("workerid", "master"))
-
-    @pytest.fixture(scope="session")
-    def testrun_uid(self) -> str:
-        return str(self.workerinput.get("testrunuid") or uuid.uuid4().hex)
