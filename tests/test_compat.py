@@ -122,6 +122,7 @@ def _summary(result) -> tuple[dict[str, int], list[str]]:
     return result.parseoutcomes(), [line.split(" - ")[0] for line in ran]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [(("-x",), None), ((), ("--lf",)), (("--sw",), ("--sw",))],
                          ids=["x", "lf", "sw"])
 def test_x_lf_and_sw_act_on_boxed_runs_as_on_local_ones(pytester, first, second):
