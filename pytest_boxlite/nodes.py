@@ -16,7 +16,6 @@ it loads), and only then does this plugin tell them so (`announce`).
 
 from __future__ import annotations
 
-import logging
 import queue
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from typing import Any
 import execnet
 import pytest
 from execnet.gateway import RInfo
-
-log = logging.getLogger(__name__)
 
 # What the early `dist` option says when this plugin makes the session distributed (see `announce`).
 DIST = "boxlite"
