@@ -17,8 +17,9 @@ has paid for that before a test needs it, then waits for its unit of work:
 
 With `workerinput` (the host's box workers are pytest-xdist nodes to plugins: nodes.py), the guest's config has
 `config.workerinput` and `config.workeroutput` as an xdist worker's has, and runs without pytest-xdist itself
-(it has no workers to start; its fixtures `worker_id` and `testrun_uid` are given: guest_fixtures.py). "collected" then
-also says which workerinput keys the guest read so far: a snapshot template depends on their values.
+(it has no workers to start; its fixtures `worker_id` and `testrun_uid` are given: guest_fixtures.py).
+"collected" then also says which workerinput keys the guest read so far: a snapshot template depends on their
+values.
 
 Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
 `pytest_report_to_serializable` dicts, as pytest-xdist's do.

@@ -76,6 +76,7 @@ def test_malformed_messages_end_the_worker(message):
 ])
 def test_a_finished_worker_hands_over_its_workeroutput_if_well_formed(message, ended):
     """What box workers send at their end (config.workeroutput, for plugins such as pytest-cov: nodes.py)."""
-    worker = Worker(SimpleNamespace(id="0" * 32), None, None, ScriptedChannel([message]), False)  # type: ignore[arg-type]
+    channel = ScriptedChannel([message])
+    worker = Worker(SimpleNamespace(id="0" * 32), None, None, channel, False)  # type: ignore[arg-type]
     assert worker.finish() == ended
     assert worker.channel.sent == [("stop",)]
