@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -93,20 +95,35 @@ def suite_properties(path) -> list[tuple[str, str]]:
     return [(p.get("name"), p.get("value")) for p in suite.findall("properties/property")]
 
 
-def test_ci_plugins_give_a_boxed_run_the_outcomes_of_a_local_run(pytester):
-    pytester.makepyfile(test_plugins=PLUGINS)
+def pytest_in(project, *args: str) -> pytest.RunResult:
+    """pytest run in `project` (pytester's own runs write their output files into the project, which would
+    give every boxed run a new template)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=project, capture_output=True, text=True,
+                          timeout=900)
+    return pytest.RunResult(done.returncode, done.stdout.splitlines(), done.stderr.splitlines(), 0.0)
+
+
+def test_ci_plugins_give_a_boxed_run_the_outcomes_of_a_local_run(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_plugins.py").write_text(PLUGINS)
+    (project / "pytest.ini").write_text("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     # xunit1: junitxml's testcase properties (xunit2 has none).
     args = ("-p", "no:cacheprovider", "-p", "randomly", "--randomly-seed=1234", "-rA", "-o", "junit_family=xunit1")
-    local = pytester.runpytest_subprocess(*args, f"--junitxml={pytester.path.parent / 'local.xml'}")
-    boxed = pytester.runpytest_subprocess("--boxlite", *args, f"--junitxml={pytester.path.parent / 'boxed.xml'}",
-                                          timeout=900)
+    local = pytest_in(project, *args, f"--junitxml={tmp_path / 'local.xml'}")
+    boxed = pytest_in(project, "--boxlite", *args, f"--junitxml={tmp_path / 'boxed.xml'}")
     counts = local.parseoutcomes()
     assert counts == {"passed": 6, "failed": 2, "rerun": 1}
     assert boxed.parseoutcomes() == counts
     assert "boxlite: 8 tests in boxes, 8 boxes restored from snapshots" in boxed.stdout.str()
     # Same seed, so the same order of tests and the same random values in them; the properties as recorded.
-    assert cases(pytester.path.parent / "boxed.xml") == cases(pytester.path.parent / "local.xml")
-    assert suite_properties(pytester.path.parent / "boxed.xml") == [("suite", "from a box")]
+    assert cases(tmp_path / "boxed.xml") == cases(tmp_path / "local.xml")
+    assert suite_properties(tmp_path / "boxed.xml") == [("suite", "from a box")]
+    # Again: the template is found, though plugins give box workers values new every run (pytest-rerunfailures'
+    # port and token, in their workerinput): the boxes did not read them while the template was made.
+    again = pytest_in(project, "--boxlite", *args)
+    assert again.parseoutcomes() == counts
+    assert "snapshot templates built" not in again.stdout.str()
     for result in (local, boxed):
         result.stdout.fnmatch_lines_random([
             "Using --randomly-seed=1234",
