@@ -64,13 +64,17 @@ def numpy_venv(directory: Path) -> str:
     return python
 
 
+# pytest-randomly (installed for the tests) would give every run a new seed, hence new snapshot templates.
+QUIET = ("-q", "-p", "no:cacheprovider", "-p", "no:randomly")
+
+
 def run_pytest(directory: Path, *args: str, python: str = sys.executable) -> float:
     return run_pytest_output(directory, *args, python=python)[0]
 
 
 def run_pytest_output(directory: Path, *args: str, python: str = sys.executable) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=directory,
+    done = subprocess.run([python, "-m", "pytest", *QUIET, *args], cwd=directory,
                           capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
@@ -130,7 +134,7 @@ def inside_one_box(directory: Path) -> tuple[float, float]:
         boot = time.perf_counter() - started
         with box:
             started = time.perf_counter()
-            result = box.exec("python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory),
+            result = box.exec("python3", "-m", "pytest", *QUIET, str(directory),
                               cwd=str(directory), env={"PYTHONPATH": os.pathsep.join(paths)})
             elapsed = time.perf_counter() - started
         if result.exit_code != 0:

@@ -8,12 +8,14 @@ the config's stash tells it to stay passive.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
 from vmm.errors import ConfigError
 
 from . import config as cfg
+from . import compat, nodes  # noqa: F401 - compat reads the state of coverage.py when loaded
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     cfg.add_options(parser)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Any:
+    nodes.announce(early_config)  # before any plugin reads the early options (a wrapper runs first)
+    return (yield)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if config.stash.get(WORKER_KEY, False):
@@ -40,10 +48,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-boxlite: {exc}") from None
     from .session import BoxliteSession
 
-    config.stash[SESSION_KEY] = BoxliteSession(config, settings)
+    session = config.stash[SESSION_KEY] = BoxliteSession(config, settings)
     from . import reporting
 
     config.pluginmanager.register(reporting.Reporting(config), "boxlite-reporting")
+    config.pluginmanager.register(compat.HostHooks(session.boxes), "boxlite-compat")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -60,12 +69,29 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         boxlite.plan(session.items)
 
 
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    """The innermost wrapper: box workers end, and their nodes are reported down, before the other wrappers
+    (pytest-cov's) make their end of the loop."""
+    try:
+        return (yield)
+    finally:
+        boxlite = session.config.stash.get(SESSION_KEY, None)
+        if boxlite is not None:
+            boxlite.end()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
     boxlite = item.config.stash.get(SESSION_KEY, None)
     if boxlite is not None and boxlite.run(item):
         return True
     return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    nodes.forwarded_down(node)  # on a pytest-xdist controller: the box workers of that worker
 
 
 pytest_plugins = ["pytest_boxlite.fixtures"]

@@ -37,13 +37,9 @@ STDERR_TAIL = 16 << 10
 # message is refused, and past this much unreceived the reader waits (guest/PROTOCOL.md, "Host bounds").
 HELD_MESSAGES = 64 << 20
 PHASES = ("setup", "call", "teardown")
-# Runs in the guest's python, given `channel` by execnet. The host's site directories are processed as such
-# (not just put on sys.path) so that their .pth files, editable installs among them, work as on the host.
+# Runs in the guest's python, given `channel` by execnet. (The host's site directories are processed as such
+# in every python of the box, this one too: guestsite/sitecustomize.py.)
 WORKER_SOURCE = """
-import os, site
-for path in os.environ.get("PYTEST_BOXLITE_SITEDIRS", "").split(os.pathsep):
-    if path:
-        site.addsitedir(path)
 from pytest_boxlite.worker import serve
 serve(channel)
 """
@@ -139,6 +135,8 @@ class Worker:
     # A worker restored from a snapshot taken after it collected: node id -> index in its list of items.
     positions: Mapping[str, int] | None = None
     collected: tuple[list[str], list[Any]] = ([], [])  # and what it did not collect, with the errors
+    node: Any = None  # its nodes.BoxNode, when box workers are pytest-xdist nodes to the plugins
+    workerinput_read: list[str] = field(default_factory=list)  # the workerinput keys its collection read
 
     @classmethod
     def start(cls, box: Box, group: execnet.Group, env: Mapping[str, str], cwd: str, echo: bool,
@@ -279,13 +277,15 @@ class Worker:
         """Give the worker its items; it collects their files. Returns (missing node ids, collect errors)."""
         self.send(dict(unit))
         kind, *rest = self.receive(START_TIMEOUT, "collecting")
-        if kind != "collected":
+        if kind != "collected" or len(rest) != 3:
             raise self.lost(f"the worker answered {kind!r} to its items")
+        self.workerinput_read = [str(key) for key in rest[2]]
         return rest[0], rest[1]
 
     def run(self, index: int, timeout: float,
             alone: Mapping[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning", data) as they come.
+        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning" | "suite_property",
+        data) as they come.
         `alone` (a worker restored from a snapshot): run no other item after it; it holds this run's values
         of what the snapshot's may differ in (`workerinput` under pytest-xdist)."""
         self.send(("run", index, dict(alone) if alone is not None else None))
@@ -313,22 +313,34 @@ class Worker:
                     and data[1] == "passed" and all(isinstance(v, (int, float)) for v in data[2:])):
                 raise self.lost("the worker sent a malformed report")
             return kind, dict(zip(PLAIN_FIELDS, data))
-        if kind not in ("report", "warning") or not isinstance(data, dict):
+        if kind not in ("report", "warning", "suite_property") or not isinstance(data, dict):
             raise self.lost(f"unexpected message {str(kind)[:40]!r} from the worker")
+        if kind == "suite_property" and not (set(data) == {"name", "value"}
+                                             and all(isinstance(v, str) for v in data.values())):
+            raise self.lost("the worker sent a malformed suite property")
         return kind, data
 
-    def finish(self) -> None:
+    def finish(self, gather: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """Let the worker run its last teardown and end its session (best effort: the box goes anyway).
+        Returns its (workeroutput, rinfo) when it finished (nodes.py), else None.
 
-        Not in a VM restored from a snapshot: its one item ran with nothing after it (its fixtures are torn
-        down), its VM is thrown away, and ending its session would take CPU from the next clones."""
-        if self.failed or self.positions is not None:
-            return
+        Not in a VM restored from a snapshot unless `gather`: its one item ran with nothing after it (its
+        fixtures are torn down), its VM is thrown away, and ending its session would take CPU from the next
+        clones; but what plugins gather at a worker's end (coverage) is only there after it."""
+        if self.failed or (self.positions is not None and not gather):
+            return None
         try:
             self.send(("stop",))
-            self.receive(STOP_TIMEOUT, "finishing")
+            message = self.receive(STOP_TIMEOUT, "finishing")
         except (WorkerLost, WorkerTimeout) as exc:
             log.debug("worker in box %s did not finish cleanly: %s", self.label, exc)
+            return None
+        if not (isinstance(message, (tuple, list)) and len(message) == 4 and message[0] == "finished"
+                and isinstance(message[2], (dict, type(None))) and isinstance(message[3], dict)
+                and all(isinstance(k, str) for k in message[2] or {})):
+            log.debug("worker in box %s sent a malformed 'finished'", self.label)
+            return None
+        return message[2] or {}, message[3]
 
     def close(self) -> None:
         """Kill the worker's python (if still there) and close the gateway; the box is the pool's."""

@@ -41,6 +41,16 @@ class Reporting:
         return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
                 f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}, python {settings.python}")
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """What cannot work in boxes, after the header (also with -q, which has none)."""
+        from . import compat
+
+        boxlite, reporter = self.session, self.config.pluginmanager.get_plugin("terminalreporter")
+        if boxlite is not None and reporter is not None:
+            for notice in compat.notices(self.config, boxlite.settings.enabled):
+                reporter.write_line(notice, yellow=True, bold=True)
+
     @pytest.hookimpl(wrapper=True)
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:
         status = yield

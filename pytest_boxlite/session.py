@@ -22,6 +22,7 @@ from typing import Any
 
 import execnet
 import pytest
+from _pytest import junitxml  # its stash key: where record_testsuite_property records
 
 from vmm import Box, BoxOptions, Execution, Runtime
 from vmm.engines import select as select_engine
@@ -33,6 +34,7 @@ from vmm.snapshot import NoSpaceForTemplate, Template
 from vmm.volumes import directory_image
 
 from .config import SessionConfig, Settings, marker_arguments
+from .nodes import Nodes
 from .pool import Pool
 from .relay import WORKER_SOURCE, Worker, WorkerLost, WorkerTimeout, site_directories
 from .worker import GUEST_OVERRIDES
@@ -44,6 +46,8 @@ BOX_FIXTURES = frozenset({"box", "box_factory", "box_options", "boxlite_runtime"
 BUILTIN = (str, int, float, bool, type(None))
 SNAPSHOT = "snapshot"  # pool keys (SNAPSHOT, box key): scope=test boxes restored from a template
 PLUGIN_VERSION = importlib.metadata.version("pytest-boxlite")
+# Its sitecustomize makes every python in a box process the host's site directories (guestsite/).
+GUEST_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guestsite")
 
 
 @dataclass
@@ -86,6 +90,7 @@ class BoxliteSession:
         self._host_python: HostPython | None = None
         self._image_pythons: dict[str | None, str | None] = {}  # image -> its python3's X.Y (python="image")
         self._said_system_python = False
+        self.nodes = Nodes(config)
 
     # -- the runtime, shared with the fixtures -------------------------------------------------------------
     @property
@@ -127,6 +132,10 @@ class BoxliteSession:
             unit.items.append(item)
         for unit in units.values():
             self.pool.expect(unit.key)
+        if self.units and self.nodes.wanted and not self.nodes.active:
+            (self.runtime.progress or log.warning)(
+                "tests run in boxes without --boxlite (boxlite markers): plugins that gather data from workers "
+                "(pytest-cov) get none from their boxes; give --boxlite (or ini boxlite = true) to count them")
         log.debug("%d boxed tests in %d units", len(self.units), len(units))
 
     def snapshots_possible(self, settings: Settings) -> bool:
@@ -215,6 +224,8 @@ class BoxliteSession:
                 exclude = [".pytest_cache", *(p for p in (*sites, str(home.resolve())) if _inside(p, path))]
                 if not project:
                     exclude.append(".git")
+                else:  # coverage's data files: new on every run with --cov (the template would be too)
+                    exclude += [n for n in os.listdir(path) if n == ".coverage" or n.startswith(".coverage.")]
                 return str(directory_image(path, home, exclude, self.runtime.progress))
 
             volumes = [(image(rootpath, True), rootpath, "cow"), *((image(p, False), p, "ro") for p in sites)]
@@ -274,7 +285,8 @@ class BoxliteSession:
     @staticmethod
     def _worker_env() -> dict[str, str]:
         paths = os.pathsep.join(site_directories())
-        return {"PYTHONPATH": paths, "PYTEST_BOXLITE_SITEDIRS": paths, "PYTHONDONTWRITEBYTECODE": "1"}
+        return {"PYTHONPATH": os.pathsep.join([GUEST_SITE, paths]), "PYTEST_BOXLITE_SITEDIRS": paths,
+                "PYTHONDONTWRITEBYTECODE": "1"}
 
     def _restore_worker(self, key: Hashable) -> Worker:
         template = self._template(key)
@@ -299,7 +311,9 @@ class BoxliteSession:
             if key in self._templates:
                 return self._templates[key]
             items = self._snapshot_items[key]
-            payload = self._unit_payload(items)
+            node = self.nodes.configure("template")
+            workerinput = node.workerinput if node is not None else None
+            payload = self._unit_payload(items, workerinput)
             env, cwd, python = self._worker_env(), str(self.config.rootpath), self._python(self._kinds[key])
             started: list[Worker] = []
 
@@ -307,18 +321,29 @@ class BoxliteSession:
                 worker = Worker.start(box, self._group, env, cwd, self._echo, python)
                 started.append(worker)
                 missing, errors = worker.begin(payload)
-                return worker.execution, worker.snapshot_data(payload["nodeids"], missing, errors)
+                data = worker.snapshot_data(payload["nodeids"], missing, errors)
+                data["workerinput_read"] = _read(workerinput, worker.workerinput_read)
+                return worker.execution, data
 
-            # Everything the warm-up's result depends on beyond the box: the unit, the worker's code. Not the
-            # run's id under pytest-xdist (new every run): each test gets this run's (Worker.run's `alone`).
-            stable = {**payload, "workerinput": {k: v for k, v in (payload["workerinput"] or {}).items()
-                                                 if k != "testrunuid"}}
-            # The interpreter's images are volumes of the box: their fingerprints are in the template's key.
-            extra = json.dumps([stable, env, cwd, python, PLUGIN_VERSION, WORKER_SOURCE], sort_keys=True,
-                               default=str)
+            # Everything the warm-up's result depends on beyond the box: the unit, the worker's code, and of
+            # the workerinput its keys, and the values the warm-up read (not a run's id under pytest-xdist, or
+            # what plugins put there for workers that talk back to the host; each test gets this run's values:
+            # Worker.run's `alone`). Those values are known once a template is built: one whose values differ
+            # from this run's is looked up again under a key that holds them.
+            stable = {**payload, "workerinput": sorted(workerinput) if workerinput is not None else None}
+
+            def template_for(read: Any) -> Template:
+                # The interpreter's images are volumes of the box: their fingerprints are in the template's key.
+                extra = json.dumps([stable, env, cwd, python, PLUGIN_VERSION, WORKER_SOURCE, read],
+                                   sort_keys=True, default=str)
+                return self.runtime.template(self.box_options(self._kinds[key], images=True), warmup=warmup,
+                                             key=extra)
+
             try:
-                template = self.runtime.template(self.box_options(self._kinds[key], images=True), warmup=warmup,
-                                                 key=extra)
+                template = template_for(None)
+                read = template.data.get("workerinput_read") or {}
+                if read != _read(workerinput, read):
+                    template = template_for(_read(workerinput, read))
             finally:
                 for worker in started:
                     worker.failed = True  # its VM is saved and gone: nothing to finish
@@ -331,6 +356,10 @@ class BoxliteSession:
         return self.config.getoption("capture") == "no"
 
     # -- running -------------------------------------------------------------------------------------
+    def boxes(self, item: pytest.Item) -> bool:
+        """Whether `item` runs in a box (or fails for a bad marker) instead of on the host."""
+        return item.nodeid in self.units or item.nodeid in self.errors
+
     def run(self, item: pytest.Item) -> bool:
         """Run `item` in its box and replay its reports; False when it is not a boxed item."""
         if item.nodeid in self.errors:
@@ -355,10 +384,14 @@ class BoxliteSession:
                 position, alone = index - unit.offset, None
                 if worker.positions is not None:
                     position = worker.positions[item.nodeid]
-                    alone = {"workerinput": _builtins(getattr(self.config, "workerinput", None))}
+                    alone = {"workerinput": worker.node.workerinput if worker.node is not None else None}
                 for kind, data in worker.run(position, unit.settings.timeout, alone):
                     if kind == "warning":
                         self._replay_warning(data)
+                    elif kind == "suite_property":
+                        xml = self.config.stash.get(junitxml.xml_key, None)  # None: no --junitxml
+                        if xml is not None:
+                            xml.add_global_property(data["name"], data["value"])
                     else:
                         self._replay(item, self._report(item, kind, data), worker, phases)
         except WorkerTimeout as exc:
@@ -381,21 +414,24 @@ class BoxliteSession:
             item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         if unit.worker is not None and index == len(unit.items) - 1:
             self._drop_worker(unit, failed=unit.failed)
+        self.nodes.flush()
         return True
 
     def _worker_for(self, unit: Unit, index: int) -> Worker:
         if unit.worker is None:
             worker = self.pool.acquire(unit.key)
             unit.worker, unit.offset = worker, index
+            worker.node = self.nodes.configure(worker.label)
             if worker.positions is not None:  # restored from a template that collected every item already
                 missing, collect_errors = worker.collected
             else:
-                missing, collect_errors = worker.begin(self._unit_payload(unit.items[index:]))
+                workerinput = worker.node.workerinput if worker.node is not None else None
+                missing, collect_errors = worker.begin(self._unit_payload(unit.items[index:], workerinput))
             why = "\n".join(self._longrepr_text(d) for d in collect_errors) or "no such test in the box"
             unit.missing = {nodeid: f"boxlite: the box did not collect this test:\n{why}" for nodeid in missing}
         return unit.worker
 
-    def _unit_payload(self, items: list[pytest.Item]) -> dict[str, Any]:
+    def _unit_payload(self, items: list[pytest.Item], workerinput: dict[str, Any] | None) -> dict[str, Any]:
         config = self.config
         rootpath = config.rootpath.resolve()
         invocation = config.invocation_params.dir.resolve()
@@ -411,7 +447,7 @@ class BoxliteSession:
             "args": args,
             "nodeids": [item.nodeid for item in items],
             "cwd": str(invocation if invocation.is_relative_to(rootpath) else rootpath),
-            "workerinput": _builtins(getattr(config, "workerinput", None)),
+            "workerinput": _builtins(workerinput),
         }
 
     def _longrepr_text(self, data: Mapping[str, Any]) -> str:
@@ -475,7 +511,11 @@ class BoxliteSession:
         keep = failed and self.settings.keep
 
         def stop() -> None:
-            worker.finish()
+            ended = worker.finish(gather=worker.node is not None and self.nodes.gathering)
+            if ended is None:
+                self.nodes.down(worker.node, None, None, "the box worker ended before its session did")
+            else:
+                self.nodes.down(worker.node, *ended, None)
             worker.close()
             try:
                 worker.box.stop()
@@ -490,8 +530,7 @@ class BoxliteSession:
         thread.start()
         self._retiring.append(thread)
 
-    def close(self) -> None:
-        """End every worker and box (also on Ctrl-C): nothing outlives the session."""
+    def _end_workers(self) -> None:
         for worker in self.pool.close():
             self._retire(worker, failed=False)
         for unit, _ in list(self.units.values()):
@@ -499,6 +538,16 @@ class BoxliteSession:
                 self._drop_worker(unit, failed=False)
         for thread in self._retiring:
             thread.join(60)
+
+    def end(self) -> None:
+        """At the end of the test loop: end every worker, and report their nodes down to the plugins before
+        these make their own end of the run (pytest-cov combines its data after the loop)."""
+        self._end_workers()
+        self.nodes.flush()
+
+    def close(self) -> None:
+        """End every worker and box (also on Ctrl-C): nothing outlives the session."""
+        self._end_workers()
         try:
             self._group.terminate(timeout=5)
         finally:
@@ -513,6 +562,12 @@ class PythonMismatch(ConfigError):
 def _runs_host_python(settings: Settings) -> bool:
     """Whether boxes of `settings` run the host's interpreter carried in as images (vmm/hostpython.py)."""
     return settings.python == "host"
+
+
+def _read(workerinput: Mapping[str, Any] | None, keys: Any) -> dict[str, Any]:
+    """The values of `keys` in `workerinput`, as JSON keeps them (the template's data is JSON)."""
+    values = {key: workerinput[key] for key in keys if key in workerinput} if workerinput else {}
+    return json.loads(json.dumps(values, default=str))
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -8,11 +8,18 @@ has paid for that before a test needs it, then waits for its unit of work:
     host -> guest  ("run", index, alone)    guest -> host  ("report"|"plain"|"warning", data)...
                                                            then ("done", index, [the last report's message])
                    "plain": a report with nothing but its phase, outcome and times (see PLAIN_FIELDS)
+                   also ("suite_property", {"name": ..., "value": ...}): record_testsuite_property's
                    alone: None, or in a VM restored from a snapshot taken after collection, to run this item
                    only: {"workerinput": this run's, which may differ from the snapshot's}
     host -> guest  ("ping",)                guest -> host  ("pong",)
                    (to a worker restored from a snapshot, before it is handed out)
-    host -> guest  ("stop",)                guest -> host  ("finished", exit_status)
+    host -> guest  ("stop",)                guest -> host  ("finished", exit_status, workeroutput, rinfo)
+
+With `workerinput` (the host's box workers are pytest-xdist nodes to plugins: nodes.py), the guest's config has
+`config.workerinput` and `config.workeroutput` as an xdist worker's has, and runs without pytest-xdist itself
+(it has no workers to start; its fixtures `worker_id` and `testrun_uid` are given: guest_fixtures.py).
+"collected" then also says which workerinput keys the guest read so far: a snapshot template depends on their
+values.
 
 Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
 `pytest_report_to_serializable` dicts, as pytest-xdist's do.
@@ -25,8 +32,10 @@ import random
 import sys
 from typing import Any
 
+import execnet
 import pytest
 
+from . import guest_fixtures
 from .plugin import WORKER_KEY
 
 # Options that only the host acts on: the host selected the items (-k, -m, --lf, ...), counts failures (-x),
@@ -55,10 +64,12 @@ def _plain(report: pytest.TestReport) -> bool:
 class WorkerPlugin:
     """Runs the host's items one by one on command and sends their reports back."""
 
-    def __init__(self, channel: Any, config: pytest.Config, nodeids: list[str]) -> None:
+    def __init__(self, channel: Any, config: pytest.Config, nodeids: list[str],
+                 workerinput: WorkerInput | None) -> None:
         self.channel = channel
         self.config = config
         self.nodeids = nodeids
+        self.workerinput = workerinput
         self.collect_failures: list[dict[str, Any]] = []
         self.held: tuple[str, Any] | None = None  # a teardown report's message, sent with "done"
 
@@ -68,6 +79,15 @@ class WorkerPlugin:
         data["user_properties"] = [(str(k), v if isinstance(v, (str, int, float, bool)) else repr(v))
                                    for k, v in data.get("user_properties", [])]
         return data
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        """The host reports: the guest's terminal reporter writes nowhere (plugins write to it: pytest-timeout's
+        dump of the stacks)."""
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+            config.pluginmanager.register(pytest.TerminalReporter(config, open(os.devnull, "w")), "terminalreporter")
 
     @pytest.hookimpl
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -105,7 +125,8 @@ class WorkerPlugin:
         by_id = {item.nodeid: item for item in session.items}
         items = [by_id.get(nodeid) for nodeid in self.nodeids]
         missing = [nodeid for nodeid, item in zip(self.nodeids, items) if item is None]
-        self.channel.send(("collected", missing, self.collect_failures))
+        read = sorted(self.workerinput.read) if self.workerinput is not None else []
+        self.channel.send(("collected", missing, self.collect_failures, read))
         while True:
             command = self.channel.receive()
             if command[0] == "stop":
@@ -117,8 +138,8 @@ class WorkerPlugin:
             item = items[index]
             if alone is not None:  # a VM restored from a snapshot, for this item only
                 random.seed()  # not the snapshot's random state, shared by every VM restored from it
-                if alone["workerinput"] is not None:
-                    self.config.workerinput.update(alone["workerinput"])  # type: ignore[attr-defined]
+                if alone["workerinput"] is not None and self.workerinput is not None:
+                    self.workerinput.update(alone["workerinput"])
             if item is not None:
                 # The next item this worker will run decides which fixtures are torn down after this one.
                 nextitem = None if alone is not None else next((i for i in items[index + 1:] if i is not None), None)
@@ -137,11 +158,45 @@ def serve(channel: Any) -> None:
         return
     os.chdir(unit["cwd"])
     option = {**unit["option"], **GUEST_OVERRIDES}
-    option["plugins"] = [*option.get("plugins", []), "no:terminal"]
+    workerinput = WorkerInput(unit["workerinput"]) if unit.get("workerinput") is not None else None
+    # As an xdist worker, pytest-xdist would start talking to a controller (pytest-rerunfailures, for one,
+    # connects to its loopback port): the box worker is the xdist worker, pytest-xdist is not needed here.
+    no_xdist = ["no:xdist", "no:xdist.looponfail"] if workerinput is not None else []
+    option["plugins"] = [*option.get("plugins", []), *no_xdist]
     config = pytest.Config.fromdictargs(option, unit["args"])
     config.stash[WORKER_KEY] = True
-    if unit.get("workerinput") is not None:
-        config.workerinput = unit["workerinput"]  # type: ignore[attr-defined]  # as under pytest-xdist
-    config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"]), "boxlite-worker")
+    if workerinput is not None:
+        config.workerinput = workerinput  # type: ignore[attr-defined]  # as under pytest-xdist
+        config.workeroutput = {}  # type: ignore[attr-defined]
+    config.stash[guest_fixtures.CHANNEL_KEY] = channel
+    config.pluginmanager.register(guest_fixtures, "boxlite-guest-fixtures")
+    config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"], workerinput), "boxlite-worker")
     status = config.hook.pytest_cmdline_main(config=config)
-    channel.send(("finished", int(status)))
+    output = getattr(config, "workeroutput", None)
+    rinfo = {"executable": sys.executable, "version_info": tuple(sys.version_info), "platform": sys.platform,
+             "cwd": os.getcwd(), "pid": os.getpid()}
+    try:
+        channel.send(("finished", int(status), output, rinfo))
+    except execnet.DumpError as exc:  # a plugin put something there that only pickle could carry
+        sys.stderr.write(f"boxlite: config.workeroutput cannot be sent to the host ({exc})\n")
+        channel.send(("finished", int(status), None, rinfo))
+
+
+class WorkerInput(dict):  # type: ignore[type-arg]
+    """`config.workerinput` that remembers which keys were read: what a snapshot template's clones share."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)

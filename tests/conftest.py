@@ -12,6 +12,17 @@ import pytest
 from vmm import BoxOptions, Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
+INNER_RUNS = "-p no:randomly -p no:asyncio"  # PYTEST_ADDOPTS of the inner pytest runs
+
+
+@pytest.fixture(autouse=True)
+def _inner_runs_keep_their_order(request, monkeypatch):
+    """pytest-randomly and pytest-asyncio are installed (tests/test_compat.py and the sample project turn them
+    on): the inner pytest runs of the other tests keep their order, their snapshot templates between runs (a new
+    seed per run would make new ones) and their count of warnings (pytest-asyncio warns without its ini key)."""
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS when it starts
+    monkeypatch.setenv("PYTEST_ADDOPTS", INNER_RUNS)
 
 
 @pytest.fixture(scope="session")

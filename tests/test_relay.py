@@ -59,6 +59,8 @@ def test_plain_reports_and_the_report_sent_with_done():
     ("done", 0),  # without the list of what comes with it
     ("done", 0, "teardown"),
     ("done", 0, [("plain", ["call", "failed", 0.0, 0.0, 0.0])]),
+    ("suite_property", {"name": 1, "value": "x"}),  # record_testsuite_property's, for the host's xml
+    ("suite_property", {"name": "a", "value": "x", "more": "y"}),
 ])
 def test_malformed_messages_end_the_worker(message):
     with pytest.raises(WorkerLost, match="malformed|unexpected"):
@@ -101,3 +103,19 @@ def test_a_reader_waiting_for_room_is_let_go_when_the_gateway_ends():
     assert not ended.wait(0.5)
     io.close_write()
     assert ended.wait(10)
+
+
+@pytest.mark.parametrize("message,ended", [
+    (("finished", 0, {"cov_worker_data": b"..."}, {"pid": 7}), ({"cov_worker_data": b"..."}, {"pid": 7})),
+    (("finished", 0, None, {"pid": 7}), ({}, {"pid": 7})),  # a workeroutput that could not be sent
+    (("finished", 0, {1: "x"}, {}), None),
+    (("finished", 0, [], {}), None),
+    (("finished", 0), None),
+    ("finished", None),
+])
+def test_a_finished_worker_hands_over_its_workeroutput_if_well_formed(message, ended):
+    """What box workers send at their end (config.workeroutput, for plugins such as pytest-cov: nodes.py)."""
+    channel = ScriptedChannel([message])
+    worker = Worker(SimpleNamespace(id="0" * 32), None, None, channel, False)  # type: ignore[arg-type]
+    assert worker.finish() == ended
+    assert worker.channel.sent == [("stop",)]
