@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from .installed import fresh_venv, user_env
 from .test_plugin_run import outcomes
 
 CALC = Path(__file__).resolve().parent / "projects" / "calc"
@@ -42,11 +43,12 @@ def calc(tmp_path) -> Path:
     return Path(shutil.copytree(CALC, tmp_path / "calc", ignore=shutil.ignore_patterns(".hypothesis", ".coverage")))
 
 
-def run(project: Path, name: str, *args: str) -> tuple[str, dict]:
+def run(project: Path, name: str, *args: str, python: str | Path = sys.executable,
+        env: dict[str, str] = ENV) -> tuple[str, dict]:
     """Run pytest in `project` with coverage reports named `name`; its output and the reports' lines."""
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", *REPORTS,
+    command = [str(python), "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", *REPORTS,
                f"--cov-report=xml:{name}.xml", f"--cov-report=json:{name}.json", f"--junitxml={name}-junit.xml", *args]
-    done = subprocess.run(command, cwd=project, capture_output=True, text=True, env=ENV, timeout=1200)
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout, reports(project, name, done.stdout)
 
@@ -80,6 +82,20 @@ def test_boxed_coverage_under_pytest_xdist_equals_a_local_run(calc):
     _, local = run(calc, "local")
     output, boxed = run(calc, "boxed", "--boxlite", "-n", "2")
     assert "2 workers [18 items]" in output, output
+    assert boxed == local
+
+
+@pytest.mark.slow
+def test_a_users_project_from_the_wheel_with_numpy_its_plugins_and_cov(dists, calc, tmp_path):
+    """As a user has it: the wheel in a fresh venv outside the checkout (nothing pointing into it), numpy and the
+    CI plugins from the registry, `pytest --boxlite --cov`: the outcomes and covered lines of a local run."""
+    python = fresh_venv(tmp_path / "user-venv", dists.wheel, "numpy", "pytest-cov", "coverage>=7.10",
+                        "pytest-xdist", "hypothesis", "pytest-asyncio", "pytest-timeout")
+    env = {k: v for k, v in user_env().items() if k != "PYTEST_ADDOPTS"}
+    _, local = run(calc, "local", python=python, env=env)
+    assert local["outcomes"]["test_normalize"] == "passed"  # numpy is there: its test ran
+    output, boxed = run(calc, "boxed", "--boxlite", python=python, env=env)
+    assert "boxlite: 18 tests in boxes, 18 boxes restored from snapshots" in output, output
     assert boxed == local
 
 
