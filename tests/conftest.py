@@ -12,6 +12,8 @@ import pytest
 from vmm import BoxOptions, Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
+# Sample projects that tests copy and run in pytest subprocesses, with their own plugins and settings.
+collect_ignore = ["projects"]
 INNER_RUNS = "-p no:randomly -p no:asyncio"  # PYTEST_ADDOPTS of the inner pytest runs
 
 
