@@ -153,7 +153,8 @@ class BoxliteSession:
         volumes.sort(key=lambda v: v[1].count("/"))  # a parent is mounted before what is mounted inside it
         options = BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
                              memory_mib=settings.memory_mib, env=dict(settings.env), network=settings.network,
-                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep,
+                             host_ports=settings.host_ports, volumes=(*volumes, *settings.volumes),
+                             auto_remove=not self.settings.keep,
                              snapshots=settings.snapshots)
         return options.validated()
 
