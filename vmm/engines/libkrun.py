@@ -233,7 +233,7 @@ class LibkrunEngine(Engine):
             if spec.network == "internet":
                 net = network.isolate(spec.box_dir, spec.host_ports, spec.ports)
                 helpers.append(net.pasta)
-                argv, fds = net.prefix + argv, fds + [net.fd]
+                argv, fds = net.prefix + argv, fds + list(net.fds)
             log.debug("starting %s", " ".join(argv))
             helpers.append(process.spawn(argv, pass_fds=tuple(fds), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=open(spec.box_dir / "passt.log", "wb")))

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,29 +61,44 @@ def require() -> None:
     if absent:
         raise EngineUnavailable(f"network='internet' needs {', '.join(absent)}, which this host lacks: {FIX}; "
                                 "or choose network='full' (no policy) or 'none'")
-    if os.geteuid() != 0:
-        raise EngineUnavailable("network='internet' makes a network namespace per box, which needs root here; "
-                                "run as root, or choose network='full' (no policy) or 'none'")
 
 
 def readiness() -> str:
     """What `boxlite doctor` shows: how the policy is enforced here, or EngineUnavailable saying why not."""
     require()
-    return "enforced: a network namespace per box, pasta as its way out, nftables rules in it"
+    try:  # what every box does first: make a namespace (and, not as root, a user namespace) with rules in it
+        with tempfile.TemporaryDirectory(prefix="boxlite-netcheck-") as tmp:
+            rules = Path(tmp) / "check.nft"
+            rules.write_text(ruleset([], [], [], []))
+            for fd in _make_namespace(rules):
+                if fd is not None:
+                    os.close(fd)
+    except EngineUnavailable as exc:
+        raise EngineUnavailable(f"{exc}".split("; ")[0]) from None
+    how = "" if os.geteuid() == 0 else " (in a user namespace of the runner's)"
+    return f"enforced: a network namespace per box{how}, pasta as its way out, nftables rules in it"
 
 
 @dataclass
 class Namespace:
-    """A network namespace made for one VM, held by `fd` until the VM is started in it, with its pasta."""
+    """A network namespace made for one VM, held by `fd` until the VM is started in it, with its pasta.
+    Not as root, `user_fd` is the user namespace that owns it (where the runner is root)."""
 
     fd: int
+    user_fd: int | None
     pasta: subprocess.Popen
     pid_file: Path
 
     @property
+    def fds(self) -> tuple[int, ...]:
+        """To pass to the command started with `prefix`."""
+        return (self.fd,) if self.user_fd is None else (self.fd, self.user_fd)
+
+    @property
     def prefix(self) -> list[str]:
-        """Prepended to a command's argv, starts it in the namespace (pass `fd` to it: `pass_fds`)."""
-        return ["nsenter", f"--net=/proc/self/fd/{self.fd}", "--"]
+        """Prepended to a command's argv, starts it in the namespace (pass it `fds`)."""
+        user = [] if self.user_fd is None else [f"--user=/proc/self/fd/{self.user_fd}", "--preserve-credentials"]
+        return ["nsenter", *user, f"--net=/proc/self/fd/{self.fd}", "--"]
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Until pasta has set up the namespace's way out (it writes its pid file then)."""
@@ -97,9 +113,10 @@ class Namespace:
 
     def close(self) -> None:
         """Drop our hold on the namespace: from now on it lives as long as the processes in it."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self.fds:
+            if fd >= 0:
+                os.close(fd)
+        self.fd, self.user_fd = -1, None
 
 
 def isolate(box_dir: Path, host_ports: Sequence[int], forwards: Sequence[Port]) -> Namespace:
@@ -111,13 +128,15 @@ def isolate(box_dir: Path, host_ports: Sequence[int], forwards: Sequence[Port]) 
     require()
     rules = box_dir / "network.nft"
     rules.write_text(ruleset(host_ports, forwards, host_addresses(), nameservers()))
-    fd = _make_namespace(rules)
+    fd, user_fd = _make_namespace(rules)
+    fds = (fd,) if user_fd is None else (fd, user_fd)
     pid_file = box_dir / "pasta.pid"
     pid_file.unlink(missing_ok=True)
-    argv = [_which("pasta") or "pasta", "--foreground", "--quiet", "--config-net", "--no-map-gw",
-            # as root, pasta would switch to nobody before joining a namespace root owns, and fail: it keeps
-            # uid 0 with two capabilities, in its own seccomp filter and empty mount namespace
-            "--runas", "0",
+    # As root, pasta would switch to nobody before joining a namespace root owns, and fail: it keeps uid 0
+    # with two capabilities, in its own seccomp filter and empty mount namespace. Not as root, it joins the
+    # user namespace that owns the network namespace.
+    owner = ["--runas", "0"] if user_fd is None else ["--userns", f"/proc/self/fd/{user_fd}"]
+    argv = [_which("pasta") or "pasta", "--foreground", "--quiet", "--config-net", "--no-map-gw", *owner,
             "--netns", f"/proc/self/fd/{fd}", "--no-netns-quit", "--pid", str(pid_file),
             "--tcp-ports", _spec([f"127.0.0.1/{p.host}" for p in forwards if p.protocol == "tcp"]),
             "--udp-ports", _spec([f"127.0.0.1/{p.host}" for p in forwards if p.protocol == "udp"]),
@@ -125,35 +144,43 @@ def isolate(box_dir: Path, host_ports: Sequence[int], forwards: Sequence[Port]) 
             "--tcp-ns", _spec([str(p) for p in host_ports]), "--udp-ns", "none"]
     log.debug("starting %s", " ".join(argv))
     try:
-        pasta = process.spawn(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        pasta = process.spawn(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=open(box_dir / "pasta.log", "wb"))
     except BaseException:
-        os.close(fd)
+        for one in fds:
+            os.close(one)
         raise
-    return Namespace(fd, pasta, pid_file)
+    return Namespace(fd, user_fd, pasta, pid_file)
 
 
 def _spec(items: list[str]) -> str:
     return ",".join(items) or "none"
 
 
-def _make_namespace(rules: Path) -> int:
-    """A new network namespace with `rules` loaded (an fd of it): made by a short-lived child that waits
-    until we hold the namespace, so that no window exists in which it has no rules."""
+def _make_namespace(rules: Path) -> tuple[int, int | None]:
+    """A new network namespace with `rules` loaded, and (not as root) the user namespace owning it: fds of
+    both. Made by a short-lived child that waits until we hold them: no window exists without the rules."""
     script = 'nft -f "$0" && echo ready && read _'
-    child = subprocess.Popen(["unshare", "--net", "--", "sh", "-c", script, str(rules)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    child = subprocess.Popen(["unshare", *user, "--net", "--", "sh", "-c", script, str(rules)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fds: list[int] = []
     try:
         assert child.stdout is not None and child.stdin is not None
         if child.stdout.readline().strip() != "ready":
             child.stdin.close()
             raise EngineUnavailable(f"could not make the box's network namespace: {child.stderr.read()[-1000:]} "
                                     f"(nftables rules in {rules}); {FIX}")
-        fd = os.open(f"/proc/{child.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        for kind in ("net", *(["user"] if user else [])):
+            fds.append(os.open(f"/proc/{child.pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC))
         child.stdin.close()
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     finally:
         child.wait()
-    return fd
+    return fds[0], (fds[1] if user else None)
 
 
 def ruleset(host_ports: Sequence[int], forwards: Sequence[Port], own: Sequence[str],

@@ -181,7 +181,7 @@ class QemuEngine(Engine):
             if spec.network == "internet":
                 net = network.isolate(spec.box_dir, spec.host_ports, spec.ports)
                 helpers.append(net.pasta)
-                pass_fds.append(net.fd)
+                pass_fds += net.fds
             argv = (net.prefix if net else []) + self.argv(spec, guest_end.fileno(), console.guest_end.fileno(),
                                                            sockets, qemu_monitor.fileno() if qemu_monitor else None)
             log.debug("starting %s", " ".join(argv))
