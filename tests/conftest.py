@@ -30,8 +30,8 @@ def shared_box(runtime):
 
 
 def vm_processes(marker: str) -> list[str]:
-    """Command lines of qemu/virtiofsd processes that mention `marker` (a runtime home or box id)."""
-    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system|virtiofsd"], capture_output=True, text=True).stdout
+    """Command lines of qemu/virtiofsd/pasta processes that mention `marker` (a runtime home or box id)."""
+    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system|virtiofsd|pasta"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if marker in line]
 
 
