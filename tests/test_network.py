@@ -159,6 +159,7 @@ def test_internet_reaches_allowed_host_ports_only_and_nothing_private(runtime, h
         restored = runtime.metrics().restores - before.restores
         assert restored == (1 if snapshots else 0), "the box was restored from its boot snapshot, or booted"
         assert any("pasta" in p for p in vm_processes(box.id)), "the box's network has its pasta"
+        assert box.exec("id", "-u").stdout == b"0\n"  # the probes below run as root in the guest
         arrived = peer.arrived()
         seen = _probe(box, f"10.0.2.2:{allowed.port}", f"host.boxlite.internal:{allowed.port}",
                       f"10.0.2.2:{other.port}", *peer.targets())

@@ -299,7 +299,7 @@ def doctor_checks(home: Home) -> list[Check]:
     checks.append(Check("busybox", bool(busybox), busybox or "not found", "sudo apt-get install busybox-static"))
     mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
     checks.append(Check("mkfs.ext4", bool(mkfs), mkfs or "not found", "sudo apt-get install e2fsprogs"))
-    checks.append(_check("network policy", network.readiness,
+    checks.append(_check("network", network.readiness,
                          "sudo boxlite setup (apt-get install passt nftables); without it, boxes need "
                          "network='full' or 'none'"))
     checks.append(_cache_check(home))
