@@ -195,11 +195,13 @@ class QemuEngine(Engine):
             if qemu_monitor is not None:
                 qemu_monitor.close()
                 qemu_monitor = None
-            if net is not None:
-                net.wait_ready()  # before the guest runs: its first packets find the way out there
             qmp = Qmp(monitor) if monitor is not None else None
             if qmp is not None and spec.restore_state is not None:
                 _restore(qmp, spec.restore_state)
+            if net is not None:
+                # While pasta started, so did qemu (and the restore): the policy's rules held from the start,
+                # and the way out is there before the VM is handed over.
+                net.wait_ready()
         except BaseException as exc:
             host_end.close()
             if monitor is not None:
