@@ -217,13 +217,13 @@ def test_bad_network_options_are_config_errors(runtime):
 
 
 def test_the_rules_deny_what_is_not_public():
-    rules = network.ruleset([5432], [], ["192.0.2.2", "fd00::2"], ["10.255.255.53"])
+    rules = network.ruleset([5432], [], ["127.0.0.1", "192.0.2.2", "fd00::2", "2001:db8::2"], ["10.255.255.53"])
     assert "oif lo ip daddr 127.0.0.1 tcp dport { 5432 } accept" in rules
     assert "ip daddr { 10.255.255.53 } meta l4proto { tcp, udp } th dport 53 accept" in rules
     for denied in ("10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16",
                    "100.64.0.0/10", "224.0.0.0/4", "192.0.2.2"):
         assert denied in rules.split("ip daddr {")[-1]
-    assert f"ip6 daddr != {network.PUBLIC6} reject" in rules and "fd00::2" in rules
+    assert f"ip6 daddr != {network.PUBLIC6} reject" in rules and "ip6 daddr { 2001:db8::2 } reject" in rules
     # the rules load (nft checks them without applying: -c)
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"boxlite-rules-{os.getpid()}.nft"
     path.write_text(rules)

@@ -66,15 +66,13 @@ def require() -> None:
 def readiness() -> str:
     """What `boxlite doctor` shows: how the policy is enforced here, or EngineUnavailable saying why not."""
     require()
-    try:  # what every box does first: make a namespace (and, not as root, a user namespace) with rules in it
-        with tempfile.TemporaryDirectory(prefix="boxlite-netcheck-") as tmp:
-            rules = Path(tmp) / "check.nft"
-            rules.write_text(ruleset([], [], [], []))
-            for fd in _make_namespace(rules):
-                if fd is not None:
-                    os.close(fd)
-    except EngineUnavailable as exc:
-        raise EngineUnavailable(f"{exc}".split("; ")[0]) from None
+    # what every box does first: make a namespace (and, not as root, a user namespace) with rules in it
+    with tempfile.TemporaryDirectory(prefix="boxlite-netcheck-") as tmp:
+        rules = Path(tmp) / "check.nft"
+        rules.write_text(ruleset([], [], [], []))
+        for fd in _make_namespace(rules):
+            if fd is not None:
+                os.close(fd)
     how = "" if os.geteuid() == 0 else " (in a user namespace of the runner's)"
     return f"enforced: a network namespace per box{how}, pasta as its way out, nftables rules in it"
 
@@ -189,8 +187,10 @@ def ruleset(host_ports: Sequence[int], forwards: Sequence[Port], own: Sequence[s
             resolvers: Sequence[str]) -> str:
     """The nftables rules of a box's namespace: what its VMM may send (nothing reaches it from outside but
     pasta's forwards). `own`: the host's addresses; `resolvers`: its DNS servers (port 53 only)."""
-    own4 = [a for a in own if ipaddress.ip_address(a).version == 4]
-    own6 = [a for a in own if ipaddress.ip_address(a).version == 6]
+    addresses = [ipaddress.ip_address(a) for a in own]
+    # the host's addresses that the ranges below do not deny already (overlapping elements are an error)
+    own4 = [str(a) for a in addresses if a.version == 4 and not any(a in ipaddress.ip_network(n) for n in DENIED)]
+    own6 = [str(a) for a in addresses if a.version == 6 and a in ipaddress.ip_network(PUBLIC6)]
     dns4 = [a for a in resolvers if ipaddress.ip_address(a).version == 4]
     dns6 = [a for a in resolvers if ipaddress.ip_address(a).version == 6]
     lines = ["table inet boxlite {", "  chain output {", "    type filter hook output priority 0; policy accept;",
