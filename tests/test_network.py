@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sysconfig
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import get_with_retries, vm_processes
+from tests.conftest import ROOT, get_with_retries, vm_processes
 from vmm import BoxOptions
 from vmm.engines import network
 from vmm.errors import ConfigError
@@ -231,3 +233,42 @@ def test_the_rules_deny_what_is_not_public():
         subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(path)], check=True, capture_output=True)
     finally:
         path.unlink()
+
+
+# Run as an unprivileged user: the namespace, its rules and pasta, in a user namespace of that user's; a
+# probe started in it the way the VMM is (`prefix`) reaches the allowed host port only.
+AS_USER = """
+import json, socket, subprocess, sys, tempfile
+from pathlib import Path
+from vmm.engines import network
+allowed, other, peer = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ns = network.isolate(Path(tempfile.mkdtemp()), [allowed], [])
+try:
+    ns.wait_ready()
+    targets = [f"127.0.0.1:{allowed}", f"127.0.0.1:{other}", peer]
+    done = subprocess.run([*ns.prefix, sys.executable, "-c", sys.argv[4], *targets], pass_fds=ns.fds,
+                          capture_output=True, text=True)
+    print(done.stdout or done.stderr)
+finally:
+    ns.close()
+    ns.pasta.kill()
+    ns.pasta.wait()
+"""
+
+
+@pytest.mark.skipif(not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs setpriv and /usr/bin/python3")
+def test_a_runner_that_is_not_root_gets_the_policy_in_a_user_namespace(host_servers, peer, tmp_path):
+    allowed, other = host_servers
+    site = sysconfig.get_paths()["purelib"]  # this venv's packages (filelock, ...), readable by others
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": f"{ROOT}:{site}"}
+    tmp_path.chmod(0o777)
+    arrived = peer.arrived()
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                           "/usr/bin/python3", "-c", AS_USER, str(allowed.port), str(other.port), peer.targets()[0],
+                           PROBE], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen[f"127.0.0.1:{allowed.port}"] == "ok:allowed"
+    assert not seen[f"127.0.0.1:{other.port}"].startswith("ok") and not seen[peer.targets()[0]].startswith("ok")
+    assert peer.arrived() == arrived
