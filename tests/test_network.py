@@ -30,13 +30,20 @@ PRIVATE = ("10.231.77.1", "10.231.77.2")
 LINK_LOCAL = ("169.254.231.1", "169.254.231.2")
 PEER_PORT = 18431
 
-# Run in the guest: connect to each HOST:PORT, read a line, say what happened (as JSON).
+# Run in the guest: connect to each HOST:PORT (or send a datagram to udp:HOST:PORT), read the answer, say what
+# happened (as JSON).
 PROBE = """
 import json, socket, sys, threading
 out = {}
 def probe(target):
-    host, port = target.rsplit(":", 1)
+    host, port = target.removeprefix("udp:").rsplit(":", 1)
     try:
+        if target.startswith("udp:"):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(4)
+                s.sendto(b"ping", (host, int(port)))
+                out[target] = "ok:" + s.recv(64).decode()
+            return
         with socket.create_connection((host, int(port)), timeout=4) as s:
             s.settimeout(4)
             out[target] = "ok:" + s.recv(64).decode()
@@ -95,9 +102,9 @@ class Peer:
         assert "10.231.77." not in routes and "169.254.231." not in routes, "the test subnets are in use here"
         self.ip("netns", "add", self.ns)
         self.ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if, "netns", self.ns)
-        # Every TCP packet that reaches the peer for its server's port is counted, before any other hook.
+        # Every TCP or UDP packet that reaches the peer for its server's port is counted, before any other hook.
         rules = ("table ip peer {\n counter arrived {}\n chain pre {\n  type filter hook prerouting priority -300;\n"
-                 f"  tcp dport {PEER_PORT} counter name arrived\n }}\n}}\n")
+                 f"  meta l4proto {{ tcp, udp }} th dport {PEER_PORT} counter name arrived\n }}\n}}\n")
         subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input=rules, text=True, check=True)
         for (host_addr, peer_addr) in (PRIVATE, LINK_LOCAL):
             self.ip("addr", "add", f"{host_addr}/30", "dev", self.host_if)
@@ -105,9 +112,13 @@ class Peer:
         self.ip("link", "set", self.host_if, "up")
         self.ip("link", "set", self.peer_if, "up", ns=True)
         self.ip("link", "set", "lo", "up", ns=True)
-        serve = ("import socket, sys\ns = socket.create_server(('0.0.0.0', %d))\nprint('up', flush=True)\n"
+        serve = ("import socket, threading\n"
+                 "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.bind(('0.0.0.0', %d))\n"
+                 "def echo():\n while True:\n  d, a = u.recvfrom(64)\n  print(a[0], flush=True)\n  u.sendto(b'peer', a)\n"
+                 "threading.Thread(target=echo, daemon=True).start()\n"
+                 "s = socket.create_server(('0.0.0.0', %d))\nprint('up', flush=True)\n"
                  "while True:\n c, a = s.accept()\n print(a[0], flush=True)\n c.sendall(b'peer')\n c.close()"
-                 % PEER_PORT)
+                 % (PEER_PORT, PEER_PORT))
         self.server = subprocess.Popen(["ip", "netns", "exec", self.ns, "python3", "-c", serve],
                                        stdout=subprocess.PIPE, text=True)
         assert self.server.stdout is not None and self.server.stdout.readline().strip() == "up"
@@ -126,7 +137,7 @@ class Peer:
         return next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item)
 
     def targets(self) -> list[str]:
-        return [f"{PRIVATE[1]}:{PEER_PORT}", f"{LINK_LOCAL[1]}:{PEER_PORT}"]
+        return [f"{proto}{address}:{PEER_PORT}" for address in (PRIVATE[1], LINK_LOCAL[1]) for proto in ("", "udp:")]
 
     def teardown(self) -> None:
         if self.server is not None:
@@ -183,7 +194,7 @@ def test_full_reaches_the_host_loopback_and_private_addresses(runtime, host_serv
         seen = _probe(box, f"10.0.2.2:{allowed.port}", f"host.boxlite.internal:{other.port}", *peer.targets())
     assert seen == {f"10.0.2.2:{allowed.port}": "ok:allowed", f"host.boxlite.internal:{other.port}": "ok:other",
                     **{t: "ok:peer" for t in peer.targets()}}
-    assert sorted(peer.accepted) == sorted([PRIVATE[0], LINK_LOCAL[0]]) and peer.arrived() > arrived
+    assert sorted(peer.accepted) == sorted([PRIVATE[0], LINK_LOCAL[0]] * 2) and peer.arrived() > arrived
     peer.accepted.clear()
 
 
