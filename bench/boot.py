@@ -3,9 +3,12 @@
 Each round measures both ways `start()` can go, one after the other:
 - default (`snapshots=True`): start() restores the boot snapshot of these options (saved once, before the
   rounds, by the first start: that build time is printed too);
-- `snapshots=False`: start() boots the kernel and the agent (what every box without a snapshot pays).
+- `snapshots=False`: start() boots the kernel and the agent (what every box without a snapshot pays);
+- and a restore with `network="full"`, beside the default `"internet"`: what the network policy (a namespace,
+  its nftables rules and pasta, per box: vmm/engines/network.py) costs a restored box.
 """
 
+import statistics
 import sys
 import time
 
@@ -14,7 +17,9 @@ from _common import report, runtime
 from vmm import BoxOptions
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-WAYS = {"restored from the boot snapshot": BoxOptions(), "booted (snapshots=False)": BoxOptions(snapshots=False)}
+POLICY, NO_POLICY = "restored from the boot snapshot (network='internet')", "restored, network='full' (no policy)"
+WAYS = {POLICY: BoxOptions(), NO_POLICY: BoxOptions(network="full"),
+        "booted (snapshots=False)": BoxOptions(snapshots=False)}
 
 
 def first_exec(rt, options: BoxOptions) -> tuple[float, float, float]:
@@ -45,3 +50,5 @@ with runtime() as rt:
         report("create() (runtime work before the engine starts)", create, "ms", 1000)
         report("start() to agent ready", start)
         report("create()+start() to first exec result", first)
+    policy = statistics.median(samples[POLICY][2]) - statistics.median(samples[NO_POLICY][2])
+    print(f"the network policy per restored box (median to first exec, internet - full): {policy * 1000:.1f} ms")

@@ -1,6 +1,7 @@
 """Host memory per idle box: RSS and PSS of its host processes, N boxes (default 3) side by side, booted
-(`snapshots=False`) and then restored from their boot snapshot (the default); and the host CPU an idle box
-uses (its qemu's CPU time over 5 s).
+(`snapshots=False`), restored from their boot snapshot (the default), and restored with `network="full"`
+(without the network policy's pasta: what the policy costs in memory); and the host CPU an idle box uses
+(its qemu's CPU time over 5 s).
 
 RSS counts pages shared between boxes (the kernel image qemu keeps, qemu's code) in full for each box;
 PSS splits them, so it is what each extra box really costs.
@@ -26,7 +27,8 @@ def cpu_seconds(pid: int) -> float:
 
 with runtime() as rt:
     for way, options in (("booted", BoxOptions(memory_mib=512, snapshots=False)),
-                         ("restored", BoxOptions(memory_mib=512))):
+                         ("restored", BoxOptions(memory_mib=512)),
+                         ("restored network='full'", BoxOptions(memory_mib=512, network="full"))):
         boxes = [rt.create(options).start() for _ in range(N)]
         for box in boxes:
             box.exec("true")

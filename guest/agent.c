@@ -511,6 +511,13 @@ static const char *setup_network(void)
 	if (!err && (mkdir_p(NEWROOT "/etc", 0755) < 0 || (unlink(NEWROOT "/etc/resolv.conf") < 0 && errno != ENOENT) ||
 	             write_file(NEWROOT "/etc/resolv.conf", "nameserver 10.0.2.3\n") < 0))
 		logmsg("resolv.conf: %s", strerror(errno));
+	/* The host's name for the gateway (its loopback ports a box may reach: host_ports), after the image's. */
+	int hosts = err ? -1 : open(NEWROOT "/etc/hosts", O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0644);
+	static const char entry[] = "10.0.2.2\thost.boxlite.internal\n";
+	if (hosts >= 0) {
+		if (write(hosts, entry, sizeof entry - 1) != (ssize_t)(sizeof entry - 1)) logmsg("hosts: %s", strerror(errno));
+		close(hosts);
+	}
 	return err;
 }
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from vmm.errors import ConfigError
-from vmm.options import ENGINES
+from vmm.options import ENGINES, NETWORK_FIX, NETWORK_MODES, network_mode
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class Settings:
     memory_mib: int = 512
     env: Mapping[str, str] = field(default_factory=dict)
     volumes: tuple[str, ...] = ()  # extra HOST:GUEST[:mode] volumes, besides the project and the packages
-    network: bool = True
+    network: str = "internet"  # "internet" (public addresses only), "none" or "full"; see vmm.BoxOptions
+    host_ports: tuple[int, ...] = ()  # host loopback ports an "internet" box may reach
     timeout: float = DEFAULT_TIMEOUT  # seconds per test, setup and teardown included
     scope: str = "test"  # "test": a fresh VM per test; "module"/"session": one VM reused within that scope
     pool_size: int | None = None  # warm boxes kept per box kind; None: sized to the host
@@ -47,7 +48,7 @@ class Settings:
     def box_key(self) -> tuple[Any, ...]:
         """What makes two boxes interchangeable (the pool's key)."""
         return (self.image, self.engine, self.cpus, self.memory_mib, tuple(sorted(self.env.items())),
-                self.volumes, self.network, self.python)
+                self.volumes, self.network, self.host_ports, self.python)
 
 
 # key -> (type check, description). Shared by yaml profiles, ini keys, command line and marker arguments.
@@ -70,7 +71,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "memory_mib": (lambda v: _is_int(v) and 128 <= v <= 65536, "an integer in 128..65536"),
     "env": (_is_str_map, "a mapping of variable names to strings"),
     "volumes": (_is_str_list, "a list of HOST:GUEST[:ro|rw|cow] strings"),
-    "network": (lambda v: isinstance(v, bool), "true or false"),
+    "network": (lambda v: isinstance(v, bool) or v in NETWORK_MODES, NETWORK_FIX),
+    "host_ports": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(p) and 1 <= p <= 65535 for p in v),
+                   "a list of port numbers (1..65535)"),
     "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                 "a positive number of seconds"),
     "scope": (lambda v: v in SCOPES, f"one of {', '.join(SCOPES)}"),
@@ -79,7 +82,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "python": (lambda v: v in PYTHONS, f"one of {', '.join(PYTHONS)}"),
 }
 PROFILE_KEYS = tuple(k for k in CHECKS if k != "scope")
-MARKER_KEYS = ("image", "profile", "cpus", "memory_mib", "network", "timeout", "scope", "env", "python")
+MARKER_KEYS = ("image", "profile", "cpus", "memory_mib", "network", "host_ports", "timeout", "scope", "env",
+               "python")
 
 
 def check_values(values: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -92,6 +96,8 @@ def check_values(values: Mapping[str, Any], allowed: tuple[str, ...], where: str
         if not check(value):
             raise ConfigError(f"{where}: {key}={value!r} is invalid: use {what}")
         out[key] = tuple(value) if isinstance(value, list) else dict(value) if key == "env" else value
+        if key == "network":
+            out[key] = network_mode(value)
     return out
 
 
@@ -109,8 +115,8 @@ class Profiles:
 
             default_profile: NAME          # optional; else a profile named "default" if there is one
             profiles:
-              NAME: {image, engine, cpus, memory_mib, env, volumes, network, timeout, pool_size, snapshots,
-                     python}
+              NAME: {image, engine, cpus, memory_mib, env, volumes, network, host_ports, timeout, pool_size,
+                     snapshots, python}
         """
         if path is None or not path.exists():
             return cls(path, {}, None)
@@ -162,7 +168,10 @@ INI: tuple[tuple[str, str, str, str], ...] = (
     ("boxlite_config", "boxlite_config", "string", f"path of the profiles file (default: ROOTDIR/{YAML_NAME})"),
     ("boxlite_cpus", "", "string", "vCPUs per box"),
     ("boxlite_memory_mib", "", "string", "memory per box in MiB"),
-    ("boxlite_network", "", "bool", "give boxes a network (user-mode NAT)"),
+    ("boxlite_network", "", "string", "boxes' network: internet (public addresses only, the default), none, or "
+     "full (everything the host reaches, its loopback too)"),
+    ("boxlite_host_ports", "", "string", "host loopback ports (comma-separated) an internet box may reach at "
+     "host.boxlite.internal"),
     ("boxlite_scope", "", "string", f"box reuse for --boxlite: {', '.join(SCOPES)} (default test)"),
     ("boxlite_pool_size", "", "string", "warm boxes kept ahead per box kind (default: sized to the host)"),
     ("boxlite_snapshots", "boxlite_snapshots", "bool",
@@ -213,6 +222,14 @@ def _ini_value(config: pytest.Config, key: str, kind: str) -> Any:
     value = config.getini(key)
     if value is None or value == "":
         return None
+    if key == "boxlite_network":  # a mode, or a boolean as the key was before modes
+        lowered = value.strip().lower()
+        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(lowered, lowered)
+    if key == "boxlite_host_ports":
+        try:
+            return [int(p) for p in value.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"ini {key} = {value!r}: expected port numbers, e.g. 5432, 6379") from None
     if kind == "bool" or key in ("boxlite_image", "boxlite_profile", "boxlite_config",
                                                   "boxlite_engine", "boxlite_scope", "boxlite_python"):
         return value
@@ -258,6 +275,7 @@ class SessionConfig:
             "cpus": ini["boxlite_cpus"],
             "memory_mib": ini["boxlite_memory_mib"],
             "network": ini["boxlite_network"],
+            "host_ports": ini["boxlite_host_ports"],
             "scope": ini["boxlite_scope"],
             "pool_size": ini["boxlite_pool_size"],
             "snapshots": pick(opt.boxlite_snapshots, "boxlite_snapshots"),

@@ -38,7 +38,7 @@ def box_options(request: pytest.FixtureRequest) -> BoxOptions:
     settings = _session(request.config).settings.settings(marker_arguments(request.node))
     return BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
                       memory_mib=settings.memory_mib, env=dict(settings.env), volumes=settings.volumes,
-                      network=settings.network)
+                      network=settings.network, host_ports=settings.host_ports)
 
 
 @pytest.fixture

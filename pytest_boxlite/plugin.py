@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 WORKER_KEY = pytest.StashKey[bool]()
 SESSION_KEY = pytest.StashKey["BoxliteSession"]()
 
-MARKER_HELP = ("boxlite(image=None, profile=None, cpus=1, memory_mib=512, network=True, timeout=300, "
-               "scope='test', env={}, python='host'): run this test in a hardware-isolated microVM; scope 'module' or "
-               "'session' reuses one VM; python 'image' runs the image's python3 instead of the host's "
-               "interpreter. See docs/markers-and-fixtures.md.")
+MARKER_HELP = ("boxlite(image=None, profile=None, cpus=1, memory_mib=512, network='internet', "
+               "host_ports=(), timeout=300, scope='test', env={}, python='host'): run this test in a "
+               "hardware-isolated microVM; scope 'module' or 'session' reuses one VM; python 'image' runs the "
+               "image's python3 instead of the host's interpreter. See docs/markers-and-fixtures.md.")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -240,8 +240,9 @@ class BoxliteSession:
         carried = settings.image == "host" and _runs_host_python(settings)
         options = BoxOptions(image=None if carried else settings.image, engine=settings.engine,
                              cpus=settings.cpus, memory_mib=settings.memory_mib, env=dict(settings.env),
-                             network=settings.network, volumes=(*volumes, *settings.volumes),
-                             auto_remove=not self.settings.keep, snapshots=settings.snapshots)
+                             network=settings.network, host_ports=settings.host_ports,
+                             volumes=(*volumes, *settings.volumes), auto_remove=not self.settings.keep,
+                             snapshots=settings.snapshots)
         return options.validated()
 
     def _make_worker(self, key: Hashable) -> Worker:

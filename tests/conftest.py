@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,23 @@ def shared_box(runtime):
 
 
 def vm_processes(marker: str) -> list[str]:
-    """Command lines of qemu/virtiofsd processes that mention `marker` (a runtime home or box id)."""
-    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system|virtiofsd"], capture_output=True, text=True).stdout
+    """Command lines of qemu/virtiofsd/pasta processes that mention `marker` (a runtime home or box id)."""
+    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system|virtiofsd|pasta"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if marker in line]
+
+
+def get_with_retries(port: int) -> str:
+    """The page a box serves on the host's 127.0.0.1:`port` (a forwarded port), once it is up."""
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from vmm import engines
-from vmm.engines import krun_launcher, libkrun, libkrun_ffi
+from vmm.engines import krun_launcher, libkrun, libkrun_ffi, network
 from vmm.engines.base import ComposedTree, Disk, LaunchSpec, Share
 from vmm.errors import BoxError, EngineUnavailable, LibkrunError
 from vmm.options import Port
@@ -188,7 +188,7 @@ def test_double_sees_the_network_device_and_passt_gets_the_ports(krun_double, tm
     monkeypatch.setenv("BOXLITE_PASST", str(fake_passt))
     monkeypatch.setenv("KRUN_DOUBLE_CONNECT", "1")
     monkeypatch.setenv("KRUN_DOUBLE_SLEEP", "hang")
-    vm = _engine().launch(_spec(tmp_path, network=True, ports=(Port(8080, 80),)))
+    vm = _engine().launch(_spec(tmp_path, network="full", ports=(Port(8080, 80),)))
     try:
         net = next(c for c in _calls(krun_double) if c[0] == "krun_add_net_unixstream")
         assert net[2] == "NULL" and int(net[3]) >= 3 and net[4] == "52:54:00:12:34:56"
@@ -205,6 +205,30 @@ def test_double_sees_the_network_device_and_passt_gets_the_ports(krun_double, tm
     finally:
         vm.kill()
     assert vm.helpers[0].poll() is not None  # passt ends with the VM
+
+
+@pytest.mark.skipif(bool(network.missing_tools()) or os.geteuid() != 0, reason="needs root, pasta and nft")
+def test_internet_runs_passt_in_the_policy_namespace(krun_double, tmp_path, monkeypatch):
+    seen = tmp_path / "passt.netns"
+    fake_passt = tmp_path / "passt-double"  # a stand-in for passt (pasta is real): says where it runs, waits
+    fake_passt.write_text(f'#!/bin/sh\nreadlink /proc/self/ns/net > {seen}.tmp && mv {seen}.tmp {seen}\n'
+                          'exec sleep 1000\n')
+    fake_passt.chmod(0o755)
+    monkeypatch.setenv("BOXLITE_PASST", str(fake_passt))
+    monkeypatch.setenv("KRUN_DOUBLE_CONNECT", "1")
+    monkeypatch.setenv("KRUN_DOUBLE_SLEEP", "hang")
+    vm = _engine().launch(_spec(tmp_path, network="internet", host_ports=(5432,)))
+    try:
+        deadline = time.monotonic() + 5
+        while not seen.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen.read_text().strip() != os.readlink("/proc/self/ns/net")  # not the host's network
+        pasta, passt = vm.helpers
+        assert "pasta" in pasta.args[0] and "--tcp-ns" in pasta.args and "5432" in pasta.args
+        assert (tmp_path / "box" / "network.nft").exists()
+    finally:
+        vm.kill()
+    assert pasta.poll() is not None and passt.poll() is not None  # both end with the VM
 
 
 def test_double_error_becomes_libkrun_error_naming_call_and_errno(krun_double, tmp_path, monkeypatch):
@@ -322,7 +346,7 @@ def _alive(pid: int) -> bool:
 
 def test_udp_ports_are_refused_before_start(krun_double, tmp_path):
     with pytest.raises(EngineUnavailable, match="tcp ports only"):
-        _engine().launch(_spec(tmp_path, network=True, ports=(Port(5353, 53, "udp"),)))
+        _engine().launch(_spec(tmp_path, network="full", ports=(Port(5353, 53, "udp"),)))
     assert not _calls(krun_double)
 
 

@@ -14,11 +14,12 @@ import pytest
 
 def test_options(box_options):
     print("OPTIONS", box_options.image, box_options.cpus, box_options.memory_mib, box_options.network,
-          sorted(box_options.env.items()))
+          box_options.host_ports, sorted(box_options.env.items()))
 
-@pytest.mark.boxlite(memory_mib=400, env={"WHO": "marker"})
+@pytest.mark.boxlite(memory_mib=400, env={"WHO": "marker"}, network=True, host_ports=[8080])
 def test_marker_wins(box_options):
-    print("MARKER", box_options.image, box_options.memory_mib, sorted(box_options.env.items()))
+    print("MARKER", box_options.image, box_options.memory_mib, box_options.network, box_options.host_ports,
+          sorted(box_options.env.items()))
 
 @pytest.mark.boxlite(profile="small")
 def test_marker_profile(box_options):
@@ -28,20 +29,21 @@ def test_marker_profile(box_options):
 YAML = """
 default_profile: base
 profiles:
-  base: {image: "dir:/from-yaml", memory_mib: 256, network: false, env: {WHO: yaml}}
+  base: {image: "dir:/from-yaml", memory_mib: 256, network: full, env: {WHO: yaml}}
   small: {image: "dir:/small", memory_mib: 128, cpus: 1}
 """
 
 
 def test_precedence_marker_over_command_line_over_ini_over_yaml(pytester):
     pytester.makefile(".yaml", boxlite=YAML)
-    pytester.makeini("[pytest]\nboxlite_memory_mib = 300\nboxlite_image = dir:/from-ini\n")
+    pytester.makeini("[pytest]\nboxlite_memory_mib = 300\nboxlite_image = dir:/from-ini\n"
+                     "boxlite_host_ports = 5432, 6379\n")
     pytester.makepyfile(SHOW_OPTIONS)
     result = pytester.runpytest("-s", "--boxlite-image=dir:/from-cli")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines_random([
-        "*OPTIONS dir:/from-cli 1 300 False [[]('WHO', 'yaml')[]]",
-        "*MARKER dir:/from-cli 400 [[]('WHO', 'marker')[]]",
+        "*OPTIONS dir:/from-cli 1 300 full (5432, 6379) [[]('WHO', 'yaml')[]]",
+        "*MARKER dir:/from-cli 400 internet (8080,) [[]('WHO', 'marker')[]]",
         "*PROFILE dir:/from-cli 300 1",  # the marker's profile sits under the command line and ini
         "boxlite: marked tests in boxes, engine *, image dir:/from-cli, scope test, snapshots *, pool *",
     ])
@@ -62,6 +64,8 @@ def write_project(pytester, files):
     ({"yaml": "profiles:\n  p: {cpu: 2}\n"}, "*boxlite.yaml: profile 'p': unknown key 'cpu'*"),
     ({"yaml": "profiles:\n  p: {memory_mib: 64}\n"}, "*profile 'p': memory_mib=64 is invalid: use an integer in 128..65536*"),
     ({"yaml": "profile:\n  p: {}\n"}, "*boxlite.yaml: unknown key 'profile'*"),
+    ({"ini": "[pytest]\nboxlite_network = lan\n"}, "*network='lan' is invalid: use 'internet'*"),
+    ({"ini": "[pytest]\nboxlite_host_ports = pg\n"}, "*ini boxlite_host_ports = 'pg': expected port numbers*"),
     ({"args": "--boxlite-profile=nope"}, "*profile 'nope' is not defined in *boxlite.yaml*"),
     ({"ini": "[pytest]\nboxlite_python = system\n"}, "*python='system' is invalid: use one of host, image*"),
 ])

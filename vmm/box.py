@@ -182,7 +182,7 @@ class Box:
         return LaunchSpec(
             box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
             memory_mib=self.options.memory_mib, disks=tuple(disks), shares=tuple(shares),
-            network=self.options.network, ports=self.options.ports,
+            network=str(self.options.network), ports=self.options.ports, host_ports=self.options.host_ports,
             ram_file=template.ram if template else self._ram_file,
             restore_state=template.state if template else None,
         )
@@ -238,7 +238,7 @@ class Box:
                 items.append(("d", f"{vm.disk_serial(f'{VOLUME_SERIAL}{i}')}\0{vol.guest}\0{vol.mode}"))
             else:
                 items.append(("v", f"vol{i}\0{vol.guest}\0{vol.mode}"))
-        if self.options.network:
+        if self.options.network != "none":
             items.append(("n", "1"))
         self._request(vm, channel, T.SETUP, items + self._identity(), "set up")
 

@@ -278,6 +278,7 @@ def _check(name: str, probe: Callable[[], str], fix: str = "") -> Check:
 
 def doctor_checks(home: Home) -> list[Check]:
     from vmm import engines, kernel
+    from vmm.engines import network
     from vmm.engines.qemu import find_qemu, find_virtiofsd
     from vmm.engines.qemu_features import probe
 
@@ -298,6 +299,9 @@ def doctor_checks(home: Home) -> list[Check]:
     checks.append(Check("busybox", bool(busybox), busybox or "not found", "sudo apt-get install busybox-static"))
     mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
     checks.append(Check("mkfs.ext4", bool(mkfs), mkfs or "not found", "sudo apt-get install e2fsprogs"))
+    checks.append(_check("network", network.readiness,
+                         "sudo boxlite setup (apt-get install passt nftables); without it, boxes need "
+                         "network='full' or 'none'"))
     checks.append(_cache_check(home))
     checks.append(_home_check(home))
     checks.append(_snapshot_check(home))

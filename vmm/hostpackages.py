@@ -80,7 +80,10 @@ def needs(host: Distro, groups: tuple[str, ...] = (RUNTIME,)) -> list[Need]:
         Need(("mmdebstrap",), "builds the default image (Debian or Ubuntu with python3) from the host's apt sources"),
         Need(("lz4",), "unpacks lz4-compressed kernels"),
         Need(("zstd",), "unpacks zstd-compressed kernels and kernel modules"),
-        Need(("util-linux",), "unshare and umount, used while building images"),
+        Need(("util-linux",), "unshare and umount, used while building images; nsenter, for the network policy"),
+        Need(("passt",), "pasta: the only way out of an 'internet' box's network namespace (the network policy)"),
+        Need(("nftables",), "nft: the network policy's rules in each 'internet' box's namespace (no private, "
+                            "loopback or link-local destinations)"),
         Need(("gcc",), "compiles the guest agent from guest/agent.c (a checkout, or an sdist)", AGENT),
         Need(("libc6-dev",), "the static C library the guest agent is linked with", AGENT),
         Need(("make",), "the project's Makefile (make setup, demo, test)", DEV),

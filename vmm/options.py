@@ -14,6 +14,21 @@ from .errors import ConfigError
 ENGINES = ("auto", "qemu", "qemu-kvm", "qemu-tcg", "libkrun")
 MEMORY_RANGE = (128, 65536)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# "internet": public addresses and DNS only (the default); "none": no interface but lo; "full": everything the
+# host reaches, its loopback included (QEMU user networking unfiltered). docs/security-network.md.
+NETWORK_MODES = ("internet", "none", "full")
+NETWORK_FIX = "'internet' (public addresses only), 'none' or 'full' (true means 'internet', false 'none')"
+
+
+def network_mode(value: Any) -> str:
+    """`value` as one of NETWORK_MODES (True: "internet", False: "none"), or ConfigError."""
+    if value is True:
+        return "internet"
+    if value is False:
+        return "none"
+    if value in NETWORK_MODES:
+        return value
+    raise ConfigError(f"network={value!r} is invalid: use {NETWORK_FIX}")
 
 
 @dataclass(frozen=True)
@@ -76,8 +91,10 @@ class BoxOptions:
     working_dir: str | None = None  # None: the image's
     user: str | None = None  # None: the image's
     volumes: tuple[Volume, ...] = ()
-    network: bool = True
+    network: str | bool = "internet"  # one of NETWORK_MODES; True/False are "internet"/"none"
     ports: tuple[Port, ...] = ()
+    # Host loopback TCP ports a box may reach in "internet" mode, at 10.0.2.2 and host.boxlite.internal.
+    host_ports: tuple[int, ...] = ()
     disk_size_gb: int | None = None  # a persistent upper layer of this size; None: ephemeral (RAM)
     auto_remove: bool = True  # remove the box's state when it stops (ignored with a persistent disk)
     engine: str = "auto"
@@ -136,9 +153,17 @@ class BoxOptions:
             _check_int("ports: guest port", port.guest, 1, 65535)
             if port.protocol not in ("tcp", "udp"):
                 raise ConfigError(f"port {port.host}:{port.guest}: protocol must be tcp or udp")
-        if ports and not self.network:
-            raise ConfigError("ports need network=True")
-        return dataclasses.replace(self, volumes=volumes, ports=ports, env=dict(self.env))
+        network = network_mode(self.network)
+        if ports and network == "none":
+            raise ConfigError("ports need a network: network='internet' or 'full'")
+        if isinstance(self.host_ports, (str, bytes)):
+            raise ConfigError(f"host_ports={self.host_ports!r}: give a list of port numbers")
+        for port in self.host_ports:
+            _check_int("host_ports: port", port, 1, 65535)
+        if self.host_ports and network == "none":
+            raise ConfigError("host_ports need network='internet' (with network='none' a box has no network)")
+        return dataclasses.replace(self, volumes=volumes, ports=ports, env=dict(self.env), network=network,
+                                   host_ports=tuple(sorted(set(self.host_ports))))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +177,7 @@ class BoxOptions:
         data = dict(data)
         data["volumes"] = tuple(Volume(**v) if isinstance(v, dict) else v for v in data.get("volumes", ()))
         data["ports"] = tuple(Port(**p) if isinstance(p, dict) else p for p in data.get("ports", ()))
+        data["host_ports"] = tuple(data.get("host_ports", ()))
         return cls(**data)
 
 

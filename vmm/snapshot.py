@@ -112,7 +112,11 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
         runtime._use(Path(vol.host))
     parts = {
         "format": FORMAT,
-        "options": {k: v for k, v in options.to_dict().items() if k not in ("name", "auto_remove", "snapshots")},
+        # The guest sees the same network in "internet" and "full" (the policy is the host's, set up anew for
+        # every restored copy): one template serves both, and any host_ports.
+        "options": {**{k: v for k, v in options.to_dict().items()
+                       if k not in ("name", "auto_remove", "snapshots", "host_ports")},
+                    "network": options.network != "none"},
         "image": [image.ref, image.digest, _stat(image.base) if image.base else None],
         "volumes": [_stat(v.host) for v in options.volumes],
         "kernel": [_stat(boot.vmlinux), _stat(boot.initramfs)],

@@ -61,13 +61,19 @@ class LaunchSpec:
     memory_mib: int
     disks: tuple[Disk, ...]
     shares: tuple[Share, ...] = ()
-    network: bool = False
+    network: str = "none"  # a NETWORK_MODES value of vmm.options
     ports: tuple[Port, ...] = ()
+    host_ports: tuple[int, ...] = ()  # host loopback ports reachable from an "internet" VM
     cmdline_extra: tuple[str, ...] = field(default_factory=tuple)
     # Snapshots: guest RAM in this file, written through (a template) or mapped copy-on-write (a restore) ...
     ram_file: Path | None = None
     # ... restoring the device state saved in this file instead of booting.
     restore_state: Path | None = None
+
+    @property
+    def nic(self) -> bool:
+        """Whether the VM has a network interface (its policy aside)."""
+        return self.network != "none"
 
     @property
     def console_log(self) -> Path:

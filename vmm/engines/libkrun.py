@@ -25,6 +25,7 @@ from .. import process
 from ..console import tail
 from ..errors import BoxError, EngineUnavailable, LibkrunError
 from . import libkrun_ffi as ffi
+from . import network
 from .base import VM, Engine, LaunchSpec, ProcessVM
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def guest_disk_serial(path: Path) -> str:
 
 
 def cmdline(spec: LaunchSpec, port: int) -> str:
-    groups = ["vsock"] + [g for g, wanted in (("net", spec.network), ("fs", spec.shares)) if wanted]
+    groups = ["vsock"] + [g for g, wanted in (("net", spec.nic), ("fs", spec.shares)) if wanted]
     return " ".join([CMDLINE, *spec.cmdline_extra, f"boxlite.vsock={port}", f"boxlite.modules={','.join(groups)}"])
 
 
@@ -76,12 +77,12 @@ def check_spec(spec: LaunchSpec, lib: ffi.Libkrun | None) -> None:
             "the host image is not available on the libkrun engine (its virtiofs server shares one directory "
             "and cannot build the masked view of the host): use engine='qemu', or another image"
         )
-    if spec.network and platform.system() != "Linux":
+    if spec.nic and platform.system() != "Linux":
         raise EngineUnavailable(
             "network=True on libkrun needs passt, which is Linux-only: use network=False on macOS"
         )
     if lib is not None:
-        if spec.network and not lib.has("krun_add_net_unixstream"):
+        if spec.nic and not lib.has("krun_add_net_unixstream"):
             raise EngineUnavailable(f"this libkrun ({lib.path}) has no krun_add_net_unixstream: upgrade libkrun")
         if any(s.readonly for s in spec.shares) and not lib.has("krun_add_virtiofs3"):
             raise EngineUnavailable(
@@ -199,7 +200,7 @@ class LibkrunEngine(Engine):
         listener = _listen(channel_path)
         proc: subprocess.Popen | None = None
         try:
-            net_fd = self._start_passt(spec, helpers) if spec.network else None
+            net_fd = self._start_passt(spec, helpers) if spec.nic else None
             try:
                 the_plan = plan(spec, channel_path, net_fd, log_level())
                 proc, config_w, status_r = self._spawn(spec, [] if net_fd is None else [net_fd])
@@ -221,15 +222,30 @@ class LibkrunEngine(Engine):
 
     @staticmethod
     def _start_passt(spec: LaunchSpec, helpers: list[subprocess.Popen]) -> int:
-        """passt on one end of a socketpair; the other end's fd (for the launcher) is returned."""
+        """passt on one end of a socketpair; the other end's fd (for the launcher) is returned.
+        network="internet": passt runs in the namespace of the policy (vmm/engines/network.py), where its
+        ports are forwarded from the host by pasta."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        net = None
         try:
             argv = passt_argv(find_passt(), theirs.fileno(), spec)
+            fds = [theirs.fileno()]
+            if spec.network == "internet":
+                net = network.isolate(spec.box_dir, spec.host_ports, spec.ports)
+                helpers.append(net.pasta)
+                argv, fds = net.prefix + argv, fds + list(net.fds)
             log.debug("starting %s", " ".join(argv))
-            helpers.append(process.spawn(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            helpers.append(process.spawn(argv, pass_fds=tuple(fds), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=open(spec.box_dir / "passt.log", "wb")))
+            if net is not None:
+                net.wait_ready()
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
+            if net is not None:
+                net.close()
         return ours.detach()
 
     @staticmethod

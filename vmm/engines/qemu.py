@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import process
 from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
+from . import network
 from .base import Engine, LaunchSpec, ProcessVM, Share
 from .qemu_features import probe
 from .qmp import Qmp
@@ -96,7 +97,7 @@ class QemuEngine(Engine):
     def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path],
              monitor_fd: int | None = None) -> list[str]:
         self.features.require((("vhost-user-fs-device",) if spec.shares else ())
-                              + (("virtio-net-device",) if spec.network else ()))
+                              + (("virtio-net-device",) if spec.nic else ()))
         bios, roms_off = self.features.boot_firmware()
         machine = "microvm,isa-serial=on" + (",x-option-roms=off" if roms_off else "")
         args = [self.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
@@ -124,7 +125,7 @@ class QemuEngine(Engine):
             args += ["-accel", "tcg,tb-size=64", "-cpu", TCG_CPU]
         args += ["-global", "virtio-mmio.force-legacy=false"]
         args += ["-kernel", str(spec.vmlinux), "-initrd", str(spec.initramfs)]
-        groups = [g for g, wanted in (("net", spec.network), ("fs", spec.shares)) if wanted]
+        groups = [g for g, wanted in (("net", spec.nic), ("fs", spec.shares)) if wanted]
         cmdline = [CMDLINE, *spec.cmdline_extra, f"boxlite.modules={','.join(groups) or 'none'}"]
         if self.accel == "tcg":
             cmdline.append(TCG_CMDLINE)
@@ -141,7 +142,8 @@ class QemuEngine(Engine):
             ro = ",readonly=on" if disk.readonly else ""
             args += ["-drive", f"id=d{i},file={disk.path},format={disk.format},if=none,cache=unsafe{ro}"]
             args += ["-device", f"virtio-blk-device,drive=d{i},serial={disk.serial}"]
-        if spec.network:
+        if spec.nic:
+            # "internet": the same user network, started in a namespace whose rules filter it (network.py)
             netdev = "user,id=n0"
             for port in spec.ports:
                 netdev += f",hostfwd={port.protocol}:127.0.0.1:{port.host}-:{port.guest}"
@@ -165,6 +167,7 @@ class QemuEngine(Engine):
             monitor, qemu_monitor = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pass_fds = [guest_end.fileno(), console.guest_end.fileno()] + ([qemu_monitor.fileno()] if qemu_monitor else [])
         proc = None
+        net = None
         try:
             sockets = []
             if spec.shares:
@@ -175,8 +178,12 @@ class QemuEngine(Engine):
                 sockets.append(sock)
             for i, (sock, helper) in enumerate(zip(sockets, helpers)):
                 _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
-            argv = self.argv(spec, guest_end.fileno(), console.guest_end.fileno(), sockets,
-                             qemu_monitor.fileno() if qemu_monitor else None)
+            if spec.network == "internet":
+                net = network.isolate(spec.box_dir, spec.host_ports, spec.ports)
+                helpers.append(net.pasta)
+                pass_fds += net.fds
+            argv = (net.prefix if net else []) + self.argv(spec, guest_end.fileno(), console.guest_end.fileno(),
+                                                           sockets, qemu_monitor.fileno() if qemu_monitor else None)
             log.debug("starting %s", " ".join(argv))
             proc = process.spawn(
                 argv,
@@ -191,6 +198,10 @@ class QemuEngine(Engine):
             qmp = Qmp(monitor) if monitor is not None else None
             if qmp is not None and spec.restore_state is not None:
                 _restore(qmp, spec.restore_state)
+            if net is not None:
+                # While pasta started, so did qemu (and the restore): the policy's rules held from the start,
+                # and the way out is there before the VM is handed over.
+                net.wait_ready()
         except BaseException as exc:
             host_end.close()
             if monitor is not None:
@@ -204,6 +215,8 @@ class QemuEngine(Engine):
         finally:
             guest_end.close()
             console.close_guest_end()
+            if net is not None:
+                net.close()
             if qemu_monitor is not None:
                 qemu_monitor.close()
         return QemuVM(proc, helpers, host_end, console, spec, qmp)
