@@ -23,9 +23,11 @@ MAX_VALUE = 1 << 20  # a serialized example (choice sequence)
 
 
 def _fits(name: str, args: tuple[Any, ...]) -> bool:
+    """Whether `args` are the operation's bytes arguments, within the bounds (the guest sends no others)."""
+    if len(args) != OPERATIONS[name] or not all(isinstance(a, bytes) for a in args):
+        return False
     *keys, value = args
-    return (len(args) == OPERATIONS[name] and all(isinstance(a, bytes) for a in args)
-            and all(len(k) <= MAX_KEY for k in keys) and len(value) <= MAX_VALUE)
+    return all(len(k) <= MAX_KEY for k in keys) and len(value) <= MAX_VALUE
 
 
 def record() -> list[list[Any]]:

@@ -72,6 +72,7 @@ def test_well_formed_examples_are_passed_on():
     ("examples", []),
     ("examples", [["save", "key", b"value"]]),
     ("examples", [["save", b"key"]]),
+    ("examples", [["save"]]),
     ("examples", [["move", b"key", b"value"]]),
     ("examples", [["rmtree", b"key", b"value"]]),
     ("examples", [["save", b"k" * (MAX_KEY + 1), b"value"]]),
