@@ -25,6 +25,7 @@ from execnet import gateway_bootstrap
 from vmm import Box
 from vmm.errors import BoxError, BoxliteError
 
+from . import examples
 from .worker import PLAIN_FIELDS
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,8 @@ class Worker:
 
     def run(self, index: int, timeout: float,
             alone: Mapping[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning" | "suite_property",
-        data) as they come.
+        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning" | "suite_property" |
+        "examples", data) as they come.
         `alone` (a worker restored from a snapshot): run no other item after it; it holds this run's values
         of what the snapshot's may differ in (`workerinput` under pytest-xdist)."""
         self.send(("run", index, dict(alone) if alone is not None else None))
@@ -313,6 +314,11 @@ class Worker:
                     and data[1] == "passed" and all(isinstance(v, (int, float)) for v in data[2:])):
                 raise self.lost("the worker sent a malformed report")
             return kind, dict(zip(PLAIN_FIELDS, data))
+        if kind == "examples":
+            try:
+                return kind, examples.checked(data)
+            except ValueError as exc:
+                raise self.lost(f"the worker sent malformed examples ({exc})") from None
         if kind not in ("report", "warning", "suite_property") or not isinstance(data, dict):
             raise self.lost(f"unexpected message {str(kind)[:40]!r} from the worker")
         if kind == "suite_property" and not (set(data) == {"name", "value"}

@@ -34,6 +34,7 @@ from vmm.snapshot import NoSpaceForTemplate, Template
 from vmm.volumes import directory_image
 
 from .config import SessionConfig, Settings, marker_arguments
+from .examples import HostDatabase
 from .nodes import Nodes
 from .pool import Pool
 from .relay import WORKER_SOURCE, Worker, WorkerLost, WorkerTimeout, site_directories
@@ -91,6 +92,7 @@ class BoxliteSession:
         self._image_pythons: dict[str | None, str | None] = {}  # image -> its python3's X.Y (python="image")
         self._said_system_python = False
         self.nodes = Nodes(config)
+        self.examples = HostDatabase(config.rootpath, lambda message: (self.runtime.progress or log.warning)(message))
 
     # -- the runtime, shared with the fixtures -------------------------------------------------------------
     @property
@@ -389,6 +391,8 @@ class BoxliteSession:
                 for kind, data in worker.run(position, unit.settings.timeout, alone):
                     if kind == "warning":
                         self._replay_warning(data)
+                    elif kind == "examples":
+                        self.examples.apply(data)
                     elif kind == "suite_property":
                         xml = self.config.stash.get(junitxml.xml_key, None)  # None: no --junitxml
                         if xml is not None:

@@ -9,6 +9,8 @@ has paid for that before a test needs it, then waits for its unit of work:
                                                            then ("done", index, [the last report's message])
                    "plain": a report with nothing but its phase, outcome and times (see PLAIN_FIELDS)
                    also ("suite_property", {"name": ..., "value": ...}): record_testsuite_property's
+                   and ("examples", [[operation, key, value...], ...]): the test's writes to hypothesis's
+                   example database (examples.py), before "done"
                    alone: None, or in a VM restored from a snapshot taken after collection, to run this item
                    only: {"workerinput": this run's, which may differ from the snapshot's}
     host -> guest  ("ping",)                guest -> host  ("pong",)
@@ -35,7 +37,7 @@ from typing import Any
 import execnet
 import pytest
 
-from . import guest_fixtures
+from . import examples, guest_fixtures
 from .plugin import WORKER_KEY
 
 # Options that only the host acts on: the host selected the items (-k, -m, --lf, ...), counts failures (-x),
@@ -72,6 +74,7 @@ class WorkerPlugin:
         self.workerinput = workerinput
         self.collect_failures: list[dict[str, Any]] = []
         self.held: tuple[str, Any] | None = None  # a teardown report's message, sent with "done"
+        self.examples: list[list[Any]] | None = None  # hypothesis's database writes, once hypothesis is in use
 
     def _serializable(self, report: pytest.CollectReport | pytest.TestReport) -> dict[str, Any]:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
@@ -140,10 +143,15 @@ class WorkerPlugin:
                 random.seed()  # not the snapshot's random state, shared by every VM restored from it
                 if alone["workerinput"] is not None and self.workerinput is not None:
                     self.workerinput.update(alone["workerinput"])
+            if self.examples is None and "hypothesis" in sys.modules:
+                self.examples = examples.record()
             if item is not None:
                 # The next item this worker will run decides which fixtures are torn down after this one.
                 nextitem = None if alone is not None else next((i for i in items[index + 1:] if i is not None), None)
                 item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if self.examples:
+                self.channel.send(("examples", self.examples[:]))
+                self.examples.clear()
             held, self.held = self.held, None
             self.channel.send(("done", index, [held] if held else []))
 

@@ -71,6 +71,21 @@ def test_4():
     assert False
 """
 
+# Hypothesis's own default profile, also under CI (its "ci" profile has no database); with REUSE set, a run
+# tries only the examples the database holds (Phase.reuse): it fails only if a run before saved the failure.
+EXAMPLES = """
+import os
+from hypothesis import Phase, given, settings, strategies as st
+
+settings.register_profile("reuse", settings.get_profile("default"), phases=[Phase.reuse])
+settings.load_profile("reuse" if os.environ.get("REUSE") else "default")
+
+@settings(deadline=None)
+@given(st.integers())
+def test_property(n):
+    assert n < 1000
+"""
+
 
 @pytest.fixture(autouse=True)
 def _plugins_on(pytester, monkeypatch):
@@ -131,6 +146,33 @@ def test_ci_plugins_give_a_boxed_run_the_outcomes_of_a_local_run(tmp_path):
             "E       Failing test case: test_hypothesis_finds_a_counterexample(",
             "E           n=1000,",
         ])
+
+
+def test_hypothesis_examples_found_in_boxes_are_saved_in_the_projects_database(tmp_path, monkeypatch):
+    """A boxed run saves the failing example it found in the host's .hypothesis/examples, as a local run would:
+    the next run, local or boxed (here scope module: a booted box that reads the project as it is now),
+    replays it from the database first."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_examples.py").write_text(EXAMPLES)
+    (project / "pytest.ini").write_text("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    args = ("-p", "no:cacheprovider", "-p", "no:randomly")
+    database = project / ".hypothesis" / "examples"
+    failure = ["E       Failing test case: test_property(", "E           n=1000,"]
+
+    monkeypatch.setenv("REUSE", "1")
+    assert pytest_in(project, *args).parseoutcomes() == {"skipped": 1}  # nothing saved yet: nothing to replay
+    monkeypatch.delenv("REUSE")
+    found = pytest_in(project, "--boxlite", *args)
+    assert found.parseoutcomes() == {"failed": 1}
+    assert "boxlite: 1 tests in boxes, 1 boxes restored from snapshots" in found.stdout.str()
+    found.stdout.fnmatch_lines(failure)
+    assert any(path.is_file() for path in database.rglob("*"))
+
+    monkeypatch.setenv("REUSE", "1")
+    for replay in (pytest_in(project, *args), pytest_in(project, "--boxlite", "-o", "boxlite_scope=module", *args)):
+        assert replay.parseoutcomes() == {"failed": 1}
+        replay.stdout.fnmatch_lines(failure)
 
 
 def _summary(result) -> tuple[dict[str, int], list[str]]:

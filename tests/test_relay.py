@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pytest_boxlite.examples import MAX_KEY, MAX_OPERATIONS, MAX_VALUE
 from pytest_boxlite.relay import HELD_MESSAGES, ExecutionIO, Worker, WorkerLost
 
 
@@ -46,6 +47,12 @@ def test_plain_reports_and_the_report_sent_with_done():
     assert worker.items_run == 1 and worker.channel.sent == [("run", 0, None)]
 
 
+def test_well_formed_examples_are_passed_on():
+    writes = [["save", b"key", b"value"], ["move", b"key", b"key.secondary", b"value"], ["delete", b"k", b"v"]]
+    messages, _ = run(("examples", writes), ("done", 0, []))
+    assert messages == [("examples", writes)]
+
+
 @pytest.mark.parametrize("message", [
     ("plain", ["call", "failed", 0.0, 0.0, 0.0]),  # only passing phases travel plain
     ("plain", ["exec", "passed", 0.0, 0.0, 0.0]),
@@ -61,6 +68,17 @@ def test_plain_reports_and_the_report_sent_with_done():
     ("done", 0, [("plain", ["call", "failed", 0.0, 0.0, 0.0])]),
     ("suite_property", {"name": 1, "value": "x"}),  # record_testsuite_property's, for the host's xml
     ("suite_property", {"name": "a", "value": "x", "more": "y"}),
+    # hypothesis's database writes (examples.py): bytes only, known operations, bounded sizes and counts
+    ("examples", []),
+    ("examples", [["save", "key", b"value"]]),
+    ("examples", [["save", b"key"]]),
+    ("examples", [["save"]]),
+    ("examples", [["move", b"key", b"value"]]),
+    ("examples", [["rmtree", b"key", b"value"]]),
+    ("examples", [["save", b"k" * (MAX_KEY + 1), b"value"]]),
+    ("examples", [["save", b"key", b"v" * (MAX_VALUE + 1)]]),
+    ("examples", [["delete", b"key", b"value"]] * (MAX_OPERATIONS + 1)),
+    ("examples", {"save": [b"key", b"value"]}),
 ])
 def test_malformed_messages_end_the_worker(message):
     with pytest.raises(WorkerLost, match="malformed|unexpected"):
