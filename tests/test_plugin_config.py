@@ -126,7 +126,8 @@ def test_snapshots_setting(pytester, source, expected):
     ({"args": "--boxlite-python=image"}, "image"),
     ({"ini": "[pytest]\nboxlite_python = image\n"}, "image"),
     ({"yaml": "profiles:\n  default: {python: image}\n"}, "image"),
-    ({"args": "--boxlite-python=image --boxlite-image=host"}, "host"),  # the host image runs the host's python
+    ({"args": "--boxlite-image=host"}, "host"),  # the host's interpreter in the default image's root
+    ({"args": "--boxlite-python=image --boxlite-image=host"}, "image"),  # the host's root as it is (virtiofs)
 ])
 def test_python_setting(pytester, source, expected):
     write_project(pytester, source)

@@ -226,11 +226,12 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
         runtime.progress(f"saving a {what} ({options.image or 'default'} image, {options.cpus} CPU, "
                          f"{options.memory_mib} MiB; once, for as long as nothing it depends on changes)")
     work = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    work.mkdir(parents=True)
-    box = Box(runtime, uuid.uuid4().hex, options, image, created=time.time())
-    box._ram_file = work / "ram"
-    runtime._adopt(box)
-    try:
+    box = None
+    try:  # from the first thing made on: a Ctrl-C right after the progress line leaves nothing half-built
+        work.mkdir(parents=True)
+        box = Box(runtime, uuid.uuid4().hex, options, image, created=time.time())
+        box._ram_file = work / "ram"
+        runtime._adopt(box)
         box.start()
         execution, data = warmup(box) if warmup else (None, None)
         warm = execution.state() if execution is not None else None
@@ -243,7 +244,8 @@ def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup
         (work / "template.json").write_text(json.dumps(meta, indent=1))
         os.rename(work, directory)
     except BaseException:
-        box.remove()
+        if box is not None:
+            box.remove()
         shutil.rmtree(work, ignore_errors=True)
         raise
     log.info("built snapshot template %s in %.1f s", key[:12], time.monotonic() - started)
