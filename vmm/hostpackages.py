@@ -80,7 +80,9 @@ def needs(host: Distro, groups: tuple[str, ...] = (RUNTIME,)) -> list[Need]:
         Need(("mmdebstrap",), "builds the default image (Debian or Ubuntu with python3) from the host's apt sources"),
         Need(("lz4",), "unpacks lz4-compressed kernels"),
         Need(("zstd",), "unpacks zstd-compressed kernels and kernel modules"),
-        Need(("util-linux",), "unshare and umount, used while building images"),
+        Need(("util-linux",), "unshare and umount, used while building images; unshare, pivot_root and setpriv "
+                              "jail the VMM (docs/security-vmm.md)"),
+        Need(("mount",), "mount: the VMM jail's root and the host image's view"),
         Need(("gcc",), "compiles the guest agent from guest/agent.c (a checkout, or an sdist)", AGENT),
         Need(("libc6-dev",), "the static C library the guest agent is linked with", AGENT),
         Need(("make",), "the project's Makefile (make setup, demo, test)", DEV),
