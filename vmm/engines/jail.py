@@ -30,11 +30,12 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import BoxError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,28 @@ def uid_base() -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def missing_tools() -> tuple[str, ...]:
-    return tuple(t for t in TOOLS if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+def namespace_problem() -> str | None:
+    """Why qemu cannot get a mount namespace and a uid of its own here, or None (asked once per process)."""
+    problem = _namespace_problem()
+    if problem and os.geteuid() == 0:
+        log.warning("qemu runs as root, without a mount namespace: %s", problem)
+    return problem
+
+
+def _namespace_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (the runner is not): qemu sees the file system your uid sees"
+    tools = [t for t in TOOLS if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    if tools:
+        return f"{', '.join(tools)} missing: install {TOOLS_PACKAGES}"
+    try:  # a container without CAP_SYS_ADMIN has root but no mount namespaces
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`unshare --mount` failed: {exc}"
+    if done.returncode:
+        return f"`unshare --mount` failed ({done.stderr.strip()[:200]}): run with CAP_SYS_ADMIN"
+    return None
 
 
 @dataclass(frozen=True)
@@ -94,22 +115,19 @@ def status(seccomp_available: bool) -> list[Part]:
     """What the jail of a box's qemu is on this host; `seccomp_available`: the qemu has `-sandbox`."""
     if not enabled():
         return [Part("all", False, f"turned off by {ENV}=0: qemu runs with the runner's uid and file system")]
-    root = os.geteuid() == 0
-    tools = missing_tools()
+    problem = namespace_problem()
     parts = [
         Part("seccomp", seccomp_available,
              f"qemu -sandbox {SECCOMP}" if seccomp_available
              else "this qemu was built without seccomp (no -sandbox): install Debian's qemu-system-x86"),
         Part("no_new_privs", True, "set before qemu and virtiofsd start"),
     ]
-    if not root:
+    if os.geteuid() != 0:
         parts.append(Part("uid", True, f"qemu runs as your uid {os.geteuid()} (not root: no change needed)"))
-        parts.append(Part("mount namespace", False, "needs root (the runner is not): qemu sees the file "
-                                                    "system your uid sees"))
-    elif tools:
-        why = f"{', '.join(tools)} missing: install {TOOLS_PACKAGES}"
-        parts.append(Part("uid", False, why))
-        parts.append(Part("mount namespace", False, why))
+        parts.append(Part("mount namespace", False, str(problem)))
+    elif problem:
+        parts.append(Part("uid", False, f"qemu runs as root: {problem}"))
+        parts.append(Part("mount namespace", False, problem))
     else:
         base = uid_base()
         parts.append(Part("uid", True, f"each box's qemu its own uid in {base + 1}..{base + UID_SPAN} "
@@ -132,19 +150,16 @@ class Jail:
     group: int | None  # the group shared by jailed VMMs (template RAM files)
     mount_root: Path | None  # None: no mount namespace
 
-    @property
-    def active(self) -> bool:
-        return self.seccomp or self.uid is not None or self.mount_root is not None
-
     def qemu_options(self) -> list[str]:
         return ["-sandbox", SECCOMP] if self.seccomp else []
 
-    def prepare_ram_file(self, path: Path) -> None:
-        """Make `path` a RAM file every jailed qemu of its template can open (qemu 7.2 opens it read-write
-        even to map it copy-on-write): owned by the runner, read-write for the jail group only."""
+    def prepare_ram_file(self, path: Path, create: bool) -> None:
+        """Make `path` (`create`: a new template's) a RAM file every jailed qemu of its template can open
+        (qemu 7.2 opens it read-write even to map it copy-on-write): the runner's, read-write for the jail
+        group only."""
         if self.group is None:
             return
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o660)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o660)
         try:
             os.fchown(fd, -1, self.group)
             os.fchmod(fd, 0o660)
@@ -156,9 +171,15 @@ class Jail:
         """`argv` run in the jail: `readable` files bound read-only at their paths, `writable` ones
         read-write (the RAM file), `box_dir` read-only, and `devices` beside the usual few."""
         prefix: list[str] = []
+        readable = list(readable)
+        if self.uid is not None:
+            for path in readable:
+                if not os.stat(path).st_mode & 0o004:
+                    raise BoxError(f"qemu runs as uid {self.uid} in its jail and cannot read {path}: make it "
+                                   f"readable by others (`chmod o+r {path}`), or turn the jail off ({ENV}=0)")
         if self.mount_root is not None:
             self.mount_root.mkdir(exist_ok=True)
-            script = _root_script(self.mount_root, box_dir, list(readable), list(writable),
+            script = _root_script(self.mount_root, box_dir, readable, list(writable),
                                   (*DEVICES, *devices), argv[0])
             prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "boxlite-jail"]
         if self.uid is not None:
@@ -173,10 +194,7 @@ def for_box(box_dir: Path, seccomp_available: bool) -> Jail:
     """The jail of the box in `box_dir` on this host (all off with BOXLITE_JAIL=0)."""
     if not enabled():
         return Jail(False, None, None, None)
-    if os.geteuid() != 0 or missing_tools():
-        if os.geteuid() == 0:
-            log.warning("qemu runs as root without a mount namespace: %s missing (install %s)",
-                        ", ".join(missing_tools()), TOOLS_PACKAGES)
+    if namespace_problem():
         return Jail(seccomp_available, None, None, None)
     base = uid_base()
     # A box's uid from its directory: no allocation to keep or release. Two of n boxes running at once

@@ -180,7 +180,8 @@ class QemuEngine(Engine):
         monitor = qemu_monitor = None
         if spec.ram_file is not None:
             monitor, qemu_monitor = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            jail.prepare_ram_file(spec.ram_file)  # a template's new file, or one saved before the jail was on
+            # A template's new file, or one saved before the jail was on.
+            jail.prepare_ram_file(spec.ram_file, create=spec.restore_state is None)
         files: list[int] = []  # descriptors qemu inherits, closed here once it has them
         proc = None
         try:
