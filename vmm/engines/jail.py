@@ -203,46 +203,61 @@ def for_box(box_dir: Path, seccomp_available: bool) -> Jail:
     return Jail(seccomp_available, uid, base, box_dir / ROOT_DIR)
 
 
+def _fstab_path(path: str) -> str:
+    """`path` as an fstab field: whitespace and backslashes octal-escaped."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
 def _root_script(root: Path, box_dir: Path, readable: list[Path], writable: list[Path], devices: tuple[str, ...],
                  binary: str) -> str:
-    """The shell script that builds the new root on a tmpfs at `root`, pivots into it and execs "$@"."""
+    """The shell script that builds the new root on a tmpfs at `root`, pivots into it and execs "$@".
+
+    The binds are one `mount -a` of an fstab the runtime writes beside the root (`jail.fstab`): one process
+    for all of them, where a `mount` each cost ~2 ms apiece under load."""
     q = shlex.quote
     r = str(root)
-    lines = ["set -e", f"mount -t tmpfs -o mode=0755,size=1m boxlite-jail {q(r)}"]
-
-    def bind(path: str, options: str) -> None:
-        target = q(r + path)
-        if os.path.isdir(path):
-            lines.append(f"mkdir -p {target}")
-        else:
-            lines.append(f"mkdir -p {q(r + os.path.dirname(path))} && : > {target}")
-        lines.append(f"mount --bind -o {options} {q(path)} {target}")
-
+    dirs: list[str] = ["/proc", "/.old"]
+    files: list[str] = []
+    fstab: list[str] = []
     bound: list[str] = []
+    links: list[str] = []
 
     def covered(path: str) -> bool:
         return any(path == b or path.startswith(b + "/") for b in bound)
 
+    def bind(path: str, options: str) -> None:
+        if os.path.isdir(path):
+            dirs.append(path)
+        else:
+            dirs.append(os.path.dirname(path))
+            files.append(path)
+        fstab.append(f"{_fstab_path(path)} {_fstab_path(r + path)} none bind,{options} 0 0")
+        bound.append(path)
+
     qemu_dir = os.path.dirname(os.path.realpath(binary))
     for path in (*SYSTEM, qemu_dir):  # qemu_dir: a qemu of its own (BOXLITE_QEMU) outside /usr
         if os.path.islink(path):  # merged /usr: /lib -> usr/lib
-            lines.append(f"ln -s {q(os.readlink(path))} {q(r + path)}")
+            links.append(f"ln -s {q(os.readlink(path))} {q(r + path)}")
         elif os.path.isdir(path) and not covered(path):
             bind(path, "ro,nosuid")
-            bound.append(path)
     bind(str(box_dir), "ro,nosuid,nodev,noexec")
-    bound.append(str(box_dir))
     for path in map(str, readable):
         if not covered(path):
             bind(path, "ro,nosuid,nodev,noexec")
-    for path in writable:
-        bind(str(path), "rw,nosuid,nodev,noexec")
+    for path in map(str, writable):
+        bind(path, "rw,nosuid,nodev,noexec")
     for dev in devices:
         bind(dev, "rw,nosuid,noexec")
-    # The old root leaves the namespace: umount reads /proc/self/mountinfo, so /proc is there for that moment.
-    lines += [f"cd {q(r)}", "mkdir .old", "pivot_root . .old",
-              "mkdir /proc", "mount -t proc proc /proc", "umount -l /.old", "umount /proc", "rmdir /proc /.old",
-              "mount -o remount,ro,bind /", 'exec "$@"']
+    # umount reads /proc/self/mountinfo: /proc is there while the old root is detached, then goes.
+    fstab.append(f"proc {_fstab_path(r)}/proc proc ro,nosuid,nodev,noexec 0 0")
+    fstab_file = root.with_name(root.name + ".fstab")
+    fstab_file.write_text("\n".join(fstab) + "\n")
+    lines = ["set -e", f"mount -t tmpfs -o mode=0755,size=1m boxlite-jail {q(r)}",
+             "mkdir -p " + " ".join(q(r + d) for d in sorted(set(dirs))),
+             *links, *(f": > {q(r + f)}" for f in files),
+             f"mount -a -T {q(str(fstab_file))}",
+             f"cd {q(r)}", "pivot_root . .old", "umount -l /.old", "umount /proc", "rmdir /proc /.old",
+             "mount -o remount,ro,bind /", 'exec "$@"']
     return "\n".join(lines)
 
 
