@@ -180,11 +180,11 @@ class QemuEngine(Engine):
         monitor = qemu_monitor = None
         if spec.ram_file is not None:
             monitor, qemu_monitor = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            # A template's new file, or one saved before the jail was on.
-            jail.prepare_ram_file(spec.ram_file, create=spec.restore_state is None)
         files: list[int] = []  # descriptors qemu inherits, closed here once it has them
         proc = None
         try:
+            if spec.ram_file is not None:  # a template's new file, or one saved before the jail was on
+                jail.prepare_ram_file(spec.ram_file, create=spec.restore_state is None)
             disks = [_open_disk(disk, files) for disk in spec.disks]
             state = None
             if spec.restore_state is not None:
