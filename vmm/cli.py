@@ -295,6 +295,7 @@ def doctor_checks(home: Home) -> list[Check]:
                          "sudo apt-get install linux-image-cloud-amd64 (or set BOXLITE_KERNEL)"))
     checks.append(_check("virtiofsd", find_virtiofsd,
                          "Debian 13: sudo apt-get install virtiofsd; Debian 12: it comes with qemu-system-x86"))
+    checks += _jail_checks()
     busybox = shutil.which("busybox") or ("/bin/busybox" if os.path.exists("/bin/busybox") else "")
     checks.append(Check("busybox", bool(busybox), busybox or "not found", "sudo apt-get install busybox-static"))
     mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
@@ -306,6 +307,19 @@ def doctor_checks(home: Home) -> list[Check]:
     checks.append(_home_check(home))
     checks.append(_snapshot_check(home))
     return checks
+
+
+def _jail_checks() -> list[Check]:
+    """Which parts of the VMM jail are active, and why any is not: a warning, not a failure."""
+    from vmm.engines import jail
+    from vmm.engines.qemu import SANDBOX_OPTIONS, find_qemu
+    from vmm.engines.qemu_features import probe
+
+    try:
+        parts = jail.status(probe(find_qemu()).has_sandbox(SANDBOX_OPTIONS))
+    except BoxliteError as exc:
+        return [Check("jail", False, str(exc).splitlines()[0], "see the qemu check above", warn_only=True)]
+    return [Check(f"jail: {p.name}", p.active, p.detail, "see docs/security-vmm.md", warn_only=True) for p in parts]
 
 
 def _snapshot_check(home: Home) -> Check:

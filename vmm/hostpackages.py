@@ -80,7 +80,9 @@ def needs(host: Distro, groups: tuple[str, ...] = (RUNTIME,)) -> list[Need]:
         Need(("mmdebstrap",), "builds the default image (Debian or Ubuntu with python3) from the host's apt sources"),
         Need(("lz4",), "unpacks lz4-compressed kernels"),
         Need(("zstd",), "unpacks zstd-compressed kernels and kernel modules"),
-        Need(("util-linux",), "unshare and umount, used while building images; nsenter, for the network policy"),
+        Need(("util-linux",), "unshare and umount, used while building images; unshare, pivot_root and setpriv "
+                              "jail the VMM (docs/security-vmm.md); nsenter, for the network policy"),
+        Need(("mount",), "mount: the VMM jail's root and the host image's view"),
         Need(("passt",), "pasta: the only way out of an 'internet' box's network namespace (the network policy)"),
         Need(("nftables",), "nft: the network policy's rules in each 'internet' box's namespace (no private, "
                             "loopback or link-local destinations)"),

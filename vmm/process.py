@@ -1,6 +1,7 @@
 """Helper processes (qemu, virtiofsd) that never outlive the process that started them.
 
-Each child gets PR_SET_PDEATHSIG=SIGKILL. The kernel sends it when the *thread* that forked the child
+Each child gets PR_SET_PDEATHSIG=SIGKILL (and, if asked, PR_SET_NO_NEW_PRIVS: nothing it execs gains
+privileges from setuid bits or file capabilities). The kernel sends it when the *thread* that forked the child
 exits, so every child is forked by one long-lived spawner thread, not by whichever thread asked.
 `kill_all()` runs at interpreter exit for the graceful paths (Ctrl-C, sys.exit).
 """
@@ -20,6 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 _requests: "queue.Queue[tuple[Future, tuple, dict]]" = queue.Queue()
 _children: set[subprocess.Popen] = set()
@@ -31,17 +33,25 @@ def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _die_with_parent_no_new_privs() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
 def _serve() -> None:
     while True:
         future, args, kwargs = _requests.get()
+        preexec = _die_with_parent_no_new_privs if kwargs.pop("no_new_privs", False) else _die_with_parent
         try:
-            future.set_result(subprocess.Popen(*args, preexec_fn=_die_with_parent, **kwargs))
+            future.set_result(subprocess.Popen(*args, preexec_fn=preexec, **kwargs))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             future.set_exception(exc)
 
 
 def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
-    """`subprocess.Popen(*args, **kwargs)`, forked by the spawner thread, tracked for cleanup."""
+    """`subprocess.Popen(*args, **kwargs)`, forked by the spawner thread, tracked for cleanup.
+    `no_new_privs=True` sets PR_SET_NO_NEW_PRIVS in the child before it execs."""
     global _thread
     with _lock:
         if _thread is None:

@@ -10,13 +10,17 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import process
 from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
-from . import network
-from .base import Engine, LaunchSpec, ProcessVM, Share
+from . import KVM_DEVICE, network
+from .base import Disk, Engine, LaunchSpec, ProcessVM, Share
+from .jail import Jail
+from .jail import enabled as jail_enabled
+from .jail import for_box as jail_for_box
 from .qemu_features import probe
 from .qmp import Qmp
 
@@ -46,6 +50,8 @@ TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+rdrand,+arat"
 # exec maps the loader and libc somewhere new, and they are translated again. Without it (measured) a
 # command starts about 3x faster and python about 20%. The VM isolates the box, not the guest's ASLR.
 TCG_CMDLINE = "norandmaps"
+# The seccomp filter's options qemu must know for the jail to use it (vmm/engines/jail.py).
+SANDBOX_OPTIONS = ("on", "obsolete", "elevateprivileges", "spawn", "resourcecontrol")
 
 
 def find_qemu() -> str:
@@ -94,13 +100,14 @@ class QemuEngine(Engine):
         bios, roms_off = self.features.boot_firmware()
         return [self.name, self.qemu, st.st_size, st.st_mtime_ns, str(bios), roms_off, CMDLINE, TCG_CMDLINE, TCG_CPU]
 
-    def argv(self, spec: LaunchSpec, channel_fd: int, console_fd: int, share_sockets: list[Path],
-             monitor_fd: int | None = None) -> list[str]:
+    def argv(self, spec: LaunchSpec, fds: "QemuFds", jail: Jail | None = None) -> list[str]:
+        """qemu's command line; the files it uses by descriptor are in `fds` (inherited at their numbers)."""
         self.features.require((("vhost-user-fs-device",) if spec.shares else ())
                               + (("virtio-net-device",) if spec.nic else ()))
         bios, roms_off = self.features.boot_firmware()
         machine = "microvm,isa-serial=on" + (",x-option-roms=off" if roms_off else "")
-        args = [self.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
+        # -name: the box's id on qemu's command line (ps, and tests finding its processes).
+        args = [self.qemu, "-name", spec.box_dir.name, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
         if bios is not None:
             args += ["-bios", str(bios)]
         if spec.ram_file is not None:
@@ -135,12 +142,15 @@ class QemuEngine(Engine):
             if khz:
                 cmdline.append(f"tsc_early_khz={khz}")
         args += ["-append", " ".join(cmdline)]
-        args += ["-chardev", f"socket,id=con,fd={console_fd}", "-serial", "chardev:con"]
-        args += ["-chardev", f"socket,id=ch0,fd={channel_fd}"]
+        args += ["-chardev", f"socket,id=con,fd={fds.console}", "-serial", "chardev:con"]
+        args += ["-chardev", f"socket,id=ch0,fd={fds.channel}"]
         args += ["-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=boxlite.0"]
-        for i, disk in enumerate(spec.disks):
+        for i, (disk, disk_fds) in enumerate(zip(spec.disks, fds.disks)):
+            # Opened by the runtime and inherited: a jailed qemu needs no path to (or right on) the file.
+            for fd in disk_fds:
+                args += ["-add-fd", f"fd={fd},set={i + 1}"]
             ro = ",readonly=on" if disk.readonly else ""
-            args += ["-drive", f"id=d{i},file={disk.path},format={disk.format},if=none,cache=unsafe{ro}"]
+            args += ["-drive", f"id=d{i},file=/dev/fdset/{i + 1},format={disk.format},if=none,cache=unsafe{ro}"]
             args += ["-device", f"virtio-blk-device,drive=d{i},serial={disk.serial}"]
         if spec.nic:
             # "internet": the same user network, started in a namespace whose rules filter it (network.py)
@@ -148,27 +158,40 @@ class QemuEngine(Engine):
             for port in spec.ports:
                 netdev += f",hostfwd={port.protocol}:127.0.0.1:{port.host}-:{port.guest}"
             args += ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0"]
-        for i, (share, sock) in enumerate(zip(spec.shares, share_sockets)):
-            args += ["-chardev", f"socket,id=fs{i},path={sock}"]
+        for i, (share, sock) in enumerate(zip(spec.shares, fds.shares)):
+            args += ["-chardev", f"socket,id=fs{i},fd={sock}"]  # connected to virtiofsd by the runtime
             args += ["-device", f"vhost-user-fs-device,chardev=fs{i},tag={share.tag}"]
-        if monitor_fd is not None:
-            args += ["-chardev", f"socket,id=mon,fd={monitor_fd}", "-mon", "chardev=mon,mode=control"]
+        if fds.monitor is not None:
+            args += ["-chardev", f"socket,id=mon,fd={fds.monitor}", "-mon", "chardev=mon,mode=control"]
         if spec.restore_state is not None:
             args += ["-incoming", "defer"]
+        if jail is not None:
+            args += jail.qemu_options()
         return args
+
+    def jail(self, spec: LaunchSpec) -> Jail:
+        return jail_for_box(spec.box_dir, self.features.has_sandbox(SANDBOX_OPTIONS))
 
     def launch(self, spec: LaunchSpec) -> "QemuVM":
         spec.box_dir.mkdir(parents=True, exist_ok=True)
+        jail = self.jail(spec)
         console = ConsoleLog(spec.console_log)
         helpers: list[subprocess.Popen] = []
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         monitor = qemu_monitor = None
         if spec.ram_file is not None:
             monitor, qemu_monitor = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pass_fds = [guest_end.fileno(), console.guest_end.fileno()] + ([qemu_monitor.fileno()] if qemu_monitor else [])
+        files: list[int] = []  # descriptors qemu inherits, closed here once it has them
         proc = None
         net = None
         try:
+            if spec.ram_file is not None:  # a template's new file, or one saved before the jail was on
+                jail.prepare_ram_file(spec.ram_file, create=spec.restore_state is None)
+            disks = [_open_disk(disk, files) for disk in spec.disks]
+            state = None
+            if spec.restore_state is not None:
+                state = os.open(spec.restore_state, os.O_RDONLY | os.O_CLOEXEC)
+                files.append(state)
             sockets = []
             if spec.shares:
                 spec.socket_dir.mkdir(parents=True, exist_ok=True)
@@ -176,28 +199,37 @@ class QemuEngine(Engine):
                 sock = spec.socket_dir / f"fs{i}.sock"
                 helpers.append(_start_virtiofsd(share, sock, spec.box_dir / f"fs{i}.log", spec.box_dir / f"view{i}"))
                 sockets.append(sock)
+            shares = []
             for i, (sock, helper) in enumerate(zip(sockets, helpers)):
                 _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
+                shares.append(_connect(sock, files))
             if spec.network == "internet":
                 net = network.isolate(spec.box_dir, spec.host_ports, spec.ports)
                 helpers.append(net.pasta)
-                pass_fds += net.fds
-            argv = (net.prefix if net else []) + self.argv(spec, guest_end.fileno(), console.guest_end.fileno(),
-                                                           sockets, qemu_monitor.fileno() if qemu_monitor else None)
+            fds = QemuFds(guest_end.fileno(), console.guest_end.fileno(),
+                          qemu_monitor.fileno() if qemu_monitor else None, disks, shares)
+            argv = self.argv(spec, fds, jail)
+            bios, _ = self.features.boot_firmware()
+            argv = jail.wrap(argv, spec.box_dir, readable=[spec.vmlinux, spec.initramfs, *([bios] if bios else [])],
+                             writable=[spec.ram_file] if spec.ram_file is not None else [],
+                             devices=(KVM_DEVICE,) if self.accel == "kvm" else ())
+            # The network namespace is entered first, then the jail: each step execs the next, down to qemu.
+            argv = (net.prefix if net else []) + argv
             log.debug("starting %s", " ".join(argv))
             proc = process.spawn(
                 argv,
-                pass_fds=tuple(pass_fds),
+                pass_fds=tuple(fds.all() + ([state] if state is not None else []) + list(net.fds if net else ())),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=open(spec.box_dir / "qemu.log", "wb"),
+                no_new_privs=jail_enabled(),
             )
             if qemu_monitor is not None:
                 qemu_monitor.close()
                 qemu_monitor = None
             qmp = Qmp(monitor) if monitor is not None else None
-            if qmp is not None and spec.restore_state is not None:
-                _restore(qmp, spec.restore_state)
+            if qmp is not None and state is not None:
+                _restore(qmp, state)
             if net is not None:
                 # While pasta started, so did qemu (and the restore): the policy's rules held from the start,
                 # and the way out is there before the VM is handed over.
@@ -219,7 +251,51 @@ class QemuEngine(Engine):
                 net.close()
             if qemu_monitor is not None:
                 qemu_monitor.close()
+            for fd in files:
+                os.close(fd)
         return QemuVM(proc, helpers, host_end, console, spec, qmp)
+
+
+@dataclass(frozen=True)
+class QemuFds:
+    """The descriptors a qemu process inherits, by what it uses them for."""
+
+    channel: int
+    console: int
+    monitor: int | None
+    disks: list[list[int]]  # per disk: the descriptors of its fdset (read-only, and read-write if writable)
+    shares: list[int]  # per share: a socket connected to its virtiofsd
+
+    def all(self) -> list[int]:
+        return [self.channel, self.console, *([self.monitor] if self.monitor is not None else []),
+                *(fd for disk in self.disks for fd in disk), *self.shares]
+
+
+def _open_disk(disk: Disk, files: list[int]) -> list[int]:
+    """A disk's fdset: read-only, plus read-write for a writable disk (qemu reopens it read-only at times,
+    and takes from the set the descriptor whose access mode matches)."""
+    modes = [os.O_RDONLY] if disk.readonly else [os.O_RDWR, os.O_RDONLY]
+    opened = []
+    for mode in modes:
+        try:
+            fd = os.open(disk.path, mode | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BoxError(f"cannot open the disk {disk.path}: {exc.strerror}") from None
+        files.append(fd)
+        opened.append(fd)
+    return opened
+
+
+def _connect(sock: Path, files: list[int]) -> int:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(sock))
+    except OSError as exc:
+        client.close()
+        raise BoxError(f"cannot connect to virtiofsd at {sock}: {exc}") from None
+    fd = client.detach()
+    files.append(fd)
+    return fd
 
 
 MIGRATION_TIMEOUT = 60.0  # saving is ~10 ms and loading ~40 ms (DESIGN.md); a slow disk may take longer
@@ -230,9 +306,10 @@ def _ignore_shared(qmp: Qmp) -> None:
     qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
 
 
-def _restore(qmp: Qmp, state: Path) -> None:
+def _restore(qmp: Qmp, state: int) -> None:
+    """Load the device state from `state`, a descriptor qemu inherited (a jailed qemu may not spawn `cat`)."""
     _ignore_shared(qmp)
-    qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state))}")
+    qmp.execute("migrate-incoming", uri=f"fd:{state}")
     qmp.wait_migration(MIGRATION_TIMEOUT)
 
 
@@ -269,6 +346,8 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
                 f"--cache={'always' if cached else 'never'}", *extra]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
+        if "--seccomp" in help_text and jail_enabled():
+            argv.append("--seccomp=kill")  # its default; said, so that no setting elsewhere weakens it
         if "--no-announce-submounts" in help_text:
             # Announced mount points (its default) reach the agent's virtiofs mount as automount points it
             # cannot follow: every path below one (the host image's binds, a mount inside a volume) failed
@@ -279,7 +358,8 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
                 "-o", f"cache={'always' if cached else 'none'}"]
     argv = [*wrapper, *argv]
     log.debug("starting %s", " ".join(argv))
-    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"))
+    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"),
+                         no_new_privs=jail_enabled())
 
 
 @functools.lru_cache(maxsize=4)
@@ -338,7 +418,12 @@ class QemuVM(ProcessVM):
         # Not stopped first: the migration pauses the VM at its end, and restored copies start running.
         tmp = state.with_name(state.name + ".tmp")
         _ignore_shared(self.qmp)
-        self.qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            self.qmp.send_fd("state", fd)  # written by qemu through a descriptor: a jailed qemu cannot open it
+        finally:
+            os.close(fd)
+        self.qmp.execute("migrate", uri="fd:state")
         self.qmp.wait_migration(MIGRATION_TIMEOUT)
         os.replace(tmp, state)
 

@@ -5,7 +5,8 @@ boots microvm with qboot, which loads the kernel itself; Debian 13's qemu 10 boo
 loads the kernel through an option ROM (`pvh.bin`) and finds "No bootable device" when option ROMs are off.
 Measured there under TCG, the Debian cloud kernel 6.12 started by SeaBIOS also died early in most boots
 (a divide error in start_kernel), and started by the qboot that Debian 13 still ships, it booted every time.
-The probes run qemu three times (~60 ms together): their result is kept in memory per binary (path, size,
+`-help` says whether qemu was built with seccomp (`-sandbox`) and which of its options it knows.
+The probes run qemu four times (~80 ms together): their result is kept in memory per binary (path, size,
 mtime), which is once per process. Not on disk: reading a cache file would save less than it costs to keep
 it true across qemu upgrades.
 """
@@ -41,6 +42,11 @@ class QemuFeatures:
     firmware: Path | None  # the file `-M microvm` boots by default, None if not found
     firmware_is_seabios: bool
     qboot: Path | None
+    sandbox: frozenset[str] = frozenset()  # the options of `-sandbox on,...`; empty: built without seccomp
+
+    def has_sandbox(self, options: tuple[str, ...]) -> bool:
+        """Whether `-sandbox on,<each of options>=...` is accepted."""
+        return bool(self.sandbox) and set(options) <= self.sandbox
 
     def boot_firmware(self) -> tuple[Path | None, bool]:
         """(the firmware to pass with -bios, or None for qemu's default; whether option ROMs can be off).
@@ -97,6 +103,7 @@ def _probe(qemu: str, size: int, mtime_ns: int) -> QemuFeatures:
         firmware=firmware,
         firmware_is_seabios=firmware is not None and is_seabios(firmware),
         qboot=find_firmware(data_dirs, QBOOT),
+        sandbox=parse_sandbox_options(_ask(qemu, "-help")),
     )
     log.debug("%s: microvm firmware %s (%s), qboot %s", qemu, firmware,
               "SeaBIOS" if features.firmware_is_seabios else "not SeaBIOS", features.qboot)
@@ -120,6 +127,16 @@ def parse_machine_options(text: str) -> frozenset[str]:
 def parse_devices(text: str) -> frozenset[str]:
     """Device names from `-device help` ('name "virtio-blk-device", bus virtio-bus')."""
     return frozenset(re.findall(r'^name "([^"]+)"', text, re.MULTILINE))
+
+
+def parse_sandbox_options(text: str) -> frozenset[str]:
+    """The options of `-sandbox` in `-help` ("-sandbox on[,obsolete=allow|deny]...", continued on indented
+    lines); empty if qemu was built without seccomp. The option "on" itself counts as one, so that a
+    sandbox without sub-options is not empty."""
+    match = re.search(r"^-sandbox (on.*(?:\n {5,}\[.*)*)", text, re.MULTILINE)
+    if not match:
+        return frozenset()
+    return frozenset({"on", *re.findall(r"\[,([\w-]+)=", match.group(1))})
 
 
 def parse_data_dirs(text: str, qemu: str) -> list[Path]:

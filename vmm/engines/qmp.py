@@ -55,6 +55,21 @@ class Qmp:
                 raise BoxError(f"qemu refused {command}: {reply['error'].get('desc', reply['error'])}")
             log.debug("qmp event: %s", reply.get("event"))
 
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand `fd` to qemu (SCM_RIGHTS with a `getfd` command), to be used as `fd:<name>`."""
+        message = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
+        try:
+            self._file.flush()
+            socket.send_fds(self._sock, [message], [fd])
+        except OSError as exc:
+            raise BoxError(f"cannot talk to qemu's monitor: {exc}") from None
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return
+            if "error" in reply:
+                raise BoxError(f"qemu refused getfd: {reply['error'].get('desc', reply['error'])}")
+
     def wait_migration(self, timeout: float) -> None:
         """Poll until the outgoing or incoming migration has completed."""
         deadline = time.monotonic() + timeout

@@ -1,0 +1,133 @@
+"""The VMM jail (vmm/engines/jail.py, docs/security-vmm.md), read from /proc of the running qemu and
+virtiofsd of real boxes: a booted box, a box restored from its boot snapshot, a box with a virtiofs volume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmm import BoxOptions
+from vmm.errors import ConfigError
+from vmm.engines import jail
+from vmm.engines.qemu import SANDBOX_OPTIONS
+from vmm.engines.qemu_features import parse_sandbox_options
+
+DATA = Path(__file__).parent / "data" / "qemu"
+ROOT_RUNNER = os.geteuid() == 0
+HOME = Path(os.path.expanduser("~")).resolve()
+
+
+def status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def assert_confined(pid: int) -> dict[str, str]:
+    fields = status(pid)
+    assert fields["Seccomp"] == "2", f"{fields['Name']} runs without a seccomp filter"
+    assert fields["NoNewPrivs"] == "1"
+    return fields
+
+
+def assert_qemu_jailed(box, other_box=None) -> Path:
+    """The box's qemu: seccomp, no_new_privs, not root, and a root holding its own files only."""
+    fields = assert_confined(box._vm.pid)
+    assert fields["Name"].startswith("qemu-system")
+    uids = fields["Uid"].split()
+    if ROOT_RUNNER:
+        assert "0" not in uids, f"qemu runs as root: Uid {uids}"
+        assert fields["CapEff"] == "0000000000000000"
+    root = Path(f"/proc/{box._vm.pid}/root")
+    seen = root / str(box.directory).lstrip("/")
+    assert (seen / "box.json").is_file() and (seen / "console.log").is_file()
+    if ROOT_RUNNER:  # the mount namespace needs root
+        assert not (root / str(HOME).lstrip("/")).exists(), f"{HOME} is visible to qemu"
+        assert not (root / "etc").exists() and not (root / "proc").exists()
+        if other_box is not None:
+            assert other_box.directory.is_dir()
+            assert not (root / str(other_box.directory).lstrip("/")).exists(), "another box's directory is visible"
+    return root
+
+
+def test_parse_sandbox_options_from_qemu_help():
+    assert parse_sandbox_options((DATA / "7.2" / "help.txt").read_text()) == set(SANDBOX_OPTIONS)
+    # A qemu built without seccomp has no -sandbox line at all.
+    assert parse_sandbox_options("-serial dev  redirect the serial port\n-name string\n") == frozenset()
+
+
+def test_jail_off_is_said_and_on_is_the_default(monkeypatch):
+    monkeypatch.delenv(jail.ENV, raising=False)
+    assert jail.enabled()
+    monkeypatch.setenv(jail.ENV, "0")
+    assert [p.active for p in jail.status(True)] == [False]
+    monkeypatch.setenv(jail.ENV, "perhaps")
+    with pytest.raises(ConfigError, match="BOXLITE_JAIL='perhaps'.*say 1"):
+        jail.enabled()
+    monkeypatch.setenv(jail.ENV, "1")
+    monkeypatch.setenv(jail.UID_ENV, "12")
+    with pytest.raises(ConfigError, match="BOXLITE_JAIL_UID_BASE='12'"):
+        jail.uid_base()
+
+
+def test_status_says_why_a_part_is_missing(monkeypatch):
+    monkeypatch.delenv(jail.ENV, raising=False)
+    parts = {p.name: p for p in jail.status(seccomp_available=False)}
+    assert not parts["seccomp"].active and "without seccomp" in parts["seccomp"].detail
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    jail.namespace_problem.cache_clear()  # asked again, as the uid 1000 runner
+    try:
+        parts = {p.name: p for p in jail.status(seccomp_available=True)}
+    finally:
+        jail.namespace_problem.cache_clear()
+    assert parts["uid"].active and "not root" in parts["uid"].detail
+    assert not parts["mount namespace"].active and "needs root" in parts["mount namespace"].detail
+
+
+def test_booted_box_runs_jailed(runtime, shared_box):
+    with runtime.create(BoxOptions(snapshots=False)) as box:
+        assert box._template is None
+        assert box.exec("echo", "booted").stdout == b"booted\n"
+        root = assert_qemu_jailed(box, other_box=shared_box)
+        assert (root / str(box._vm.spec.vmlinux).lstrip("/")).is_file()  # what it needs is there
+
+
+def test_restored_box_runs_jailed(runtime, shared_box):
+    with runtime.create(BoxOptions()) as box:
+        assert box.exec("echo", "restored").stdout == b"restored\n"
+        root = assert_qemu_jailed(box, other_box=shared_box)
+        spec = box._vm.spec
+        assert spec.restore_state is not None, "the box was not restored from its boot snapshot"
+        ram = Path(spec.ram_file)
+        if ROOT_RUNNER:  # its template's RAM, at the path the template was saved with
+            assert (root / str(ram).lstrip("/")).is_file()
+
+
+def test_box_with_a_volume_runs_jailed(runtime, shared_box, tmp_path):
+    (tmp_path / "marker").write_text("shared")
+    with runtime.create(BoxOptions(volumes=[(str(tmp_path), "/mnt/v", "rw")])) as box:
+        assert box.exec("cat", "/mnt/v/marker").stdout == b"shared"
+        assert_qemu_jailed(box, other_box=shared_box)
+        (helper,) = box._vm.helpers
+        # virtiofsd forks its worker into its own namespaces (sandbox=namespace): the worker serves the files.
+        worker = [helper.pid, *children(helper.pid)][-1]
+        assert_confined(worker)
+        root = Path(f"/proc/{worker}/root")
+        assert sorted(p.name for p in root.iterdir()) == ["marker"], "virtiofsd's root is not the volume"
+        assert status(worker)["CapEff"] != "000001ffffffffff", "virtiofsd kept every capability"
+
+
+def test_jail_can_be_turned_off(runtime, monkeypatch):
+    monkeypatch.setenv(jail.ENV, "0")
+    with runtime.create(BoxOptions()) as box:  # restored from the boot snapshot a jailed box saved
+        fields = status(box._vm.pid)
+        assert fields["Seccomp"] == "0" and fields["Uid"].split()[0] == str(os.geteuid())
+        assert Path(f"/proc/{box._vm.pid}/root/{box.directory.parent}").is_dir()
