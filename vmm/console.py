@@ -28,9 +28,10 @@ class ConsoleLog:
         self._thread.start()
 
     def _copy(self) -> None:
-        out = open(self.path, "ab", buffering=0)
+        out = None
         size = 0
-        try:
+        try:  # the open too: a box removed at once (Ctrl-C during its start) takes the directory with it
+            out = open(self.path, "ab", buffering=0)
             while True:
                 data = self._host_end.recv(65536)
                 if not data:
@@ -48,7 +49,8 @@ class ConsoleLog:
         except OSError as exc:
             log.debug("console %s: %s", self.path, exc)
         finally:
-            out.close()
+            if out is not None:
+                out.close()
             self._host_end.close()
 
     def close_guest_end(self) -> None:
