@@ -35,7 +35,7 @@ from vmm.volumes import directory_image
 
 from .config import SessionConfig, Settings, marker_arguments
 from .examples import HostDatabase
-from .nodes import Nodes
+from .nodes import BoxNode, Nodes
 from .pool import Pool
 from .relay import WORKER_SOURCE, Worker, WorkerLost, WorkerTimeout, site_directories
 from .worker import GUEST_OVERRIDES
@@ -315,7 +315,7 @@ class BoxliteSession:
                 return self._templates[key]
             items = self._snapshot_items[key]
             node = self.nodes.configure("template")
-            workerinput = node.workerinput if node is not None else None
+            workerinput = _node_input(node)
             payload = self._unit_payload(items, workerinput)
             env, cwd, python = self._worker_env(), str(self.config.rootpath), self._python(self._kinds[key])
             started: list[Worker] = []
@@ -387,7 +387,7 @@ class BoxliteSession:
                 position, alone = index - unit.offset, None
                 if worker.positions is not None:
                     position = worker.positions[item.nodeid]
-                    alone = {"workerinput": worker.node.workerinput if worker.node is not None else None}
+                    alone = {"workerinput": _node_input(worker.node)}
                 for kind, data in worker.run(position, unit.settings.timeout, alone):
                     if kind == "warning":
                         self._replay_warning(data)
@@ -430,7 +430,7 @@ class BoxliteSession:
             if worker.positions is not None:  # restored from a template that collected every item already
                 missing, collect_errors = worker.collected
             else:
-                workerinput = worker.node.workerinput if worker.node is not None else None
+                workerinput = _node_input(worker.node)
                 missing, collect_errors = worker.begin(self._unit_payload(unit.items[index:], workerinput))
             why = "\n".join(self._longrepr_text(d) for d in collect_errors) or "no such test in the box"
             unit.missing = {nodeid: f"boxlite: the box did not collect this test:\n{why}" for nodeid in missing}
@@ -452,7 +452,7 @@ class BoxliteSession:
             "args": args,
             "nodeids": [item.nodeid for item in items],
             "cwd": str(invocation if invocation.is_relative_to(rootpath) else rootpath),
-            "workerinput": _builtins(workerinput),
+            "workerinput": workerinput,
         }
 
     def _longrepr_text(self, data: Mapping[str, Any]) -> str:
@@ -577,6 +577,11 @@ def _read(workerinput: Mapping[str, Any] | None, keys: Any) -> dict[str, Any]:
 
 def _inside(path: str, directory: str) -> bool:
     return path.startswith(directory.rstrip("/") + "/")
+
+
+def _node_input(node: BoxNode | None) -> dict[str, Any] | None:
+    """A box node's workerinput as it crosses the channel (plugins may put any object in it)."""
+    return _builtins(node.workerinput) if node is not None else None
 
 
 def _builtins(value: Any) -> Any:
