@@ -35,11 +35,11 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache
 from .errors import ConfigError
 from .images.ext4 import Progress, build_ext4_base
 from .images.host import PRIVATE_ROOTS
@@ -232,19 +232,20 @@ def _libraries_image(home: Path, loader: str, executable: str, dirs: list[str], 
     store = volume_dir(home)
     dest = store / f"hostpy-libs-{key}.ext4"
     if not dest.exists():
-        _build_libraries_image(dest, loader, executable, [p for p, _ in objects], dirs, progress)
-    dest.with_name(dest.name + ".used").touch()  # last used, for `boxlite images prune`
+        _build_libraries_image(home, dest, loader, executable, [p for p, _ in objects], dirs, progress)
+    cache.touch(dest, "the host python's shared libraries")  # last used, as volume images (volumes.py)
     return dest
 
 
-def _build_libraries_image(dest: Path, loader: str, executable: str, objects: list[str], dirs: list[str],
-                           progress: Progress | None) -> None:
+def _build_libraries_image(home: Path, dest: Path, loader: str, executable: str, objects: list[str],
+                           dirs: list[str], progress: Progress | None) -> None:
     # Two processes may both gather the libraries; build_ext4_base's lock lets one of them build the image.
     libs = _closure([executable, *objects], dirs)
     if progress:
         progress(f"gathering the host python's {len(libs)} shared libraries for boxes")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
+    cache.make_room(home, sum(os.stat(p).st_blocks * 512 for p in [loader, *libs.values()]))
+    staging = dest.parent / cache.staging_name(".staging-")  # says whose it is, for cache.sweep
     try:
         staging.mkdir()
         (staging / "ld").write_bytes(_patched_loader(loader))
