@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from vmm import process
 from vmm.errors import ImageError
-from vmm.images import ImageConfig, ResolvedImage, base_path, ext4, resolve_image
+from vmm.images import ImageConfig, ResolvedImage, base_path, resolve_image
 from vmm.images import default as default_mod
 from vmm.images.ext4 import build_ext4_base, is_valid_base
 from vmm.images.rootfs import fingerprint
@@ -160,7 +161,7 @@ def test_mkfs_failure_is_an_image_error_with_its_stderr(
 
 def test_missing_mkfs_names_the_package(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
-    monkeypatch.setattr(ext4, "SBIN_PATH", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr(process, "SBIN_PATH", str(tmp_path / "nothing-here"))
     with pytest.raises(ImageError, match="apt-get install e2fsprogs"):
         build_ext4_base(tree, tmp_path / "base.ext4")
 

@@ -12,6 +12,7 @@ import atexit
 import ctypes
 import logging
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -29,12 +30,21 @@ _lock = threading.Lock()
 _thread: threading.Thread | None = None
 
 
+#: Also searched: ordinary users' PATH often lacks the sbin directories on Debian.
+SBIN_PATH = "/usr/sbin:/sbin"
+
+
+def which(tool: str) -> str | None:
+    """`tool` on PATH, else in the sbin directories."""
+    return shutil.which(tool) or shutil.which(tool, path=SBIN_PATH)
+
+
 def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _die_with_parent_no_new_privs() -> None:
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _die_with_parent()
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 

@@ -29,12 +29,12 @@ import hashlib
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import process
 from ..errors import BoxError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def namespace_problem() -> str | None:
 def _namespace_problem() -> str | None:
     if os.geteuid() != 0:
         return "needs root (the runner is not): qemu sees the file system your uid sees"
-    tools = [t for t in TOOLS if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    tools = [t for t in TOOLS if not process.which(t)]
     if tools:
         return f"{', '.join(tools)} missing: install {TOOLS_PACKAGES}"
     try:  # a container without CAP_SYS_ADMIN has root but no mount namespaces

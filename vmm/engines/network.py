@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -48,11 +47,9 @@ PUBLIC6 = "2000::/3"
 
 
 def missing_tools() -> list[str]:
-    return [t for t in TOOLS if not _which(t)]
+    return [t for t in TOOLS if not process.which(t)]
 
 
-def _which(tool: str) -> str | None:
-    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
 
 
 def require() -> None:
@@ -135,7 +132,7 @@ def isolate(box_dir: Path, host_ports: Sequence[int], forwards: Sequence[Port]) 
     # user namespace that owns the network namespace.
     owner = ["--runas", "0"] if user_fd is None else ["--userns", f"/proc/self/fd/{user_fd}"]
     # IPv4 only: the guest has no IPv6 (its kernel's ipv6.disable=1), and pasta then holds ~10 MB less.
-    argv = [_which("pasta") or "pasta", "--foreground", "--quiet", "--ipv4-only", "--config-net", "--no-map-gw",
+    argv = [process.which("pasta") or "pasta", "--foreground", "--quiet", "--ipv4-only", "--config-net", "--no-map-gw",
             *owner,
             "--netns", f"/proc/self/fd/{fd}", "--no-netns-quit", "--pid", str(pid_file),
             "--tcp-ports", _spec([f"127.0.0.1/{p.host}" for p in forwards if p.protocol == "tcp"]),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 import struct
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from vmm import process
 from vmm.errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,9 @@ def is_valid_base(path: Path) -> bool:
     return blocks > 0 and size >= blocks * (1024 << log_block_size)
 
 
-#: Also searched: ordinary users' PATH often lacks the sbin directories on Debian.
-SBIN_PATH = "/usr/sbin:/sbin"
-
-
 def _mkfs() -> str:
     for name in ("mkfs.ext4", "mke2fs"):
-        found = shutil.which(name) or shutil.which(name, path=SBIN_PATH)
+        found = process.which(name)
         if found:
             return found
     raise ImageError(

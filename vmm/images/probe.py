@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import posixpath
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 from vmm.errors import ImageError
-from vmm.images.ext4 import SBIN_PATH
+from vmm import process
 
 # Where `python3` is found on an image's default PATH, first match first.
 PYTHON3 = ("/usr/local/bin/python3", "/usr/bin/python3", "/bin/python3")
@@ -19,7 +18,7 @@ _MAX_LINKS = 8
 
 def _debugfs(base: Path, requests: list[str]) -> dict[str, str]:
     """request -> its output, for debugfs requests run on `base` in one process."""
-    found = shutil.which("debugfs") or shutil.which("debugfs", path=SBIN_PATH)
+    found = process.which("debugfs")
     if not found:
         raise ImageError("debugfs was not found (it reads images without booting them): "
                          "install it with `apt-get install e2fsprogs`")
