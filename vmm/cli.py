@@ -196,9 +196,10 @@ def cmd_cache_ls(args: argparse.Namespace, home: Home) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[4]]).rstrip())
-    cap = cache.cache_max(home.root)
+    size = cache.home_size(home.root)
+    cap = cache.cache_max(home.root, size)
     print(f"{len(entries)} entries, {cache.format_size(sum(e.size for e in entries))}; the home takes "
-          f"{cache.format_size(cache.home_size(home.root))} of its {cache.format_size(cap.bytes)} cap ({cap.source})")
+          f"{cache.format_size(size)} of its {cache.format_size(cap.bytes)} cap ({cap.source})")
     return 0
 
 
@@ -340,11 +341,11 @@ def _snapshot_check(home: Home) -> Check:
 
 def _home_check(home: Home, largest: int = 3) -> Check:
     """The home's size against its cap, and the entries that take the most."""
+    size = cache.home_size(home.root)
     try:
-        cap = cache.cache_max(home.root)
+        cap = cache.cache_max(home.root, size)
     except BoxliteError as exc:
         return Check("home", False, str(exc), f"fix ${cache.ENV} or {home.root / cache.CONFIG_NAME}")
-    size = cache.home_size(home.root)
     top = sorted(cache.entries(home.root), key=lambda e: e.size, reverse=True)[:largest]
     detail = (f"{cache.format_size(size)} of its {cache.format_size(cap.bytes)} cap ({cap.source})"
               + ("; largest: " + ", ".join(f"{e.kind} {e.path.name[:12]} {cache.format_size(e.size)}"
