@@ -24,7 +24,7 @@ from .engines.base import VM, Disk, LaunchSpec, Share
 from .errors import BoxError, ConfigError, ExecError, GuestProtocolError
 from .execution import Execution, ExecResult
 from .images import ResolvedImage
-from .options import BoxOptions
+from .options import BoxOptions, network_mode
 from .protocol import T, parse_records, record_int, records
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class Box:
         return LaunchSpec(
             box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
             memory_mib=self.options.memory_mib, disks=tuple(disks), shares=tuple(shares),
-            network=str(self.options.network), ports=self.options.ports, host_ports=self.options.host_ports,
+            network=network_mode(self.options.network), ports=self.options.ports, host_ports=self.options.host_ports,
             ram_file=template.ram if template else self._ram_file,
             restore_state=template.state if template else None,
         )
