@@ -9,6 +9,7 @@ the read/write/kill/wait interface it expects from a pipe.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import signal
@@ -360,8 +361,10 @@ class Worker:
             pass
 
 
-def site_directories() -> list[str]:
-    """The directories the host's pytest and this plugin import from, each once (the guest mounts them)."""
+@functools.cache
+def site_directories() -> tuple[str, ...]:
+    """The directories the host's pytest and this plugin import from, each once (the guest mounts them).
+    Fixed for the process: planning asks for every boxed item."""
     import _pytest
     import execnet as _execnet
     import iniconfig
@@ -375,4 +378,4 @@ def site_directories() -> list[str]:
              for m in (_pytest, pluggy, _execnet, iniconfig, packaging, pytest_boxlite, vmm)]
     import site
     roots += [p for p in site.getsitepackages() if os.path.isdir(p)]
-    return list(dict.fromkeys(os.path.realpath(r) for r in roots))
+    return tuple(dict.fromkeys(os.path.realpath(r) for r in roots))

@@ -92,7 +92,7 @@ class BoxliteSession:
         self._image_pythons: dict[str | None, str | None] = {}  # image -> its python3's X.Y (python="image")
         self._said_system_python = False
         self.nodes = Nodes(config)
-        self.examples = HostDatabase(config.rootpath, lambda message: (self.runtime.progress or log.warning)(message))
+        self.examples = HostDatabase(config.rootpath, self._say)
 
     # -- the runtime, shared with the fixtures -------------------------------------------------------------
     @property
@@ -103,6 +103,10 @@ class BoxliteSession:
                 progress = (lambda msg: reporter.write_line(f"boxlite: {msg}")) if reporter else None
                 self._runtime = Runtime(progress=progress)
             return self._runtime
+
+    def _say(self, message: str) -> None:
+        """A line for the user: on the terminal as the runtime's progress, else a logged warning."""
+        (self.runtime.progress or log.warning)(message)
 
     # -- planning ------------------------------------------------------------------------------------
     def plan(self, items: list[pytest.Item]) -> None:
@@ -135,7 +139,7 @@ class BoxliteSession:
         for unit in units.values():
             self.pool.expect(unit.key)
         if self.units and self.nodes.wanted and not self.nodes.active:
-            (self.runtime.progress or log.warning)(
+            self._say(
                 "tests run in boxes without --boxlite (boxlite markers): plugins that gather data from workers "
                 "(pytest-cov) get none from their boxes; give --boxlite (or ini boxlite = true) to count them")
         log.debug("%d boxed tests in %d units", len(self.units), len(units))
@@ -160,7 +164,7 @@ class BoxliteSession:
         with self._lock:
             first, self._said_system_python = not self._said_system_python, True
         if first:
-            (self.runtime.progress or log.warning)(
+            self._say(
                 f"{sys.executable} is the system's python (prefix {sys.base_prefix}), which boxes cannot carry: "
                 f"boxed tests run the image's python3 (python=\"image\"); a python from pyenv, uv or "
                 f"setup-python runs as it is")
@@ -258,7 +262,7 @@ class BoxliteSession:
                     first = key not in self._booted_instead
                     self._booted_instead.add(key)
                 if first:  # a slower run beats a failed one; the summary counts the boots
-                    (self.runtime.progress or log.warning)(f"{exc}; booting a box for each of these tests instead")
+                    self._say(f"{exc}; booting a box for each of these tests instead")
         options = self.box_options(self._kinds[key])
         box = self.runtime.create(options)
         try:
