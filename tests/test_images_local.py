@@ -19,7 +19,7 @@ import pytest
 
 from vmm import process
 from vmm.errors import ImageError
-from vmm.images import ImageConfig, ResolvedImage, base_path, resolve_image
+from vmm.images import ImageConfig, ResolvedImage, base_path, ext4, resolve_image
 from vmm.images import default as default_mod
 from vmm.images.ext4 import build_ext4_base, is_valid_base
 from vmm.images.rootfs import fingerprint
