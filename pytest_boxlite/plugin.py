@@ -14,8 +14,8 @@ import pytest
 
 from vmm.errors import ConfigError
 
-from . import config as cfg
 from . import compat, nodes  # noqa: F401 - compat reads the state of coverage.py when loaded
+from . import config as cfg
 
 log = logging.getLogger(__name__)
 

@@ -70,8 +70,7 @@ def child_env(tmp_path):
     return env
 
 
-# A loopback OCI registry (Debian's docker-registry) with an auth front, for the image tests.
-from tests.oci_registry import oci_env  # noqa: E402,F401
-
-# The package built into a wheel and an sdist, and installed into a fresh venv (tests/installed.py).
+# The package built into a wheel and an sdist, and installed into a fresh venv (tests/installed.py); a loopback OCI
+# registry (Debian's docker-registry) with an auth front, for the image tests (tests/oci_registry.py).
 from tests.installed import dists, installed_venv  # noqa: E402,F401
+from tests.oci_registry import oci_env  # noqa: E402,F401

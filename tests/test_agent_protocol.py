@@ -16,7 +16,6 @@ import pytest
 
 from vmm import agent as vmm_agent
 
-
 HELLO, SETUP, READY, RESUME = 0x01, 0x02, 0x03, 0x04
 EXEC, STARTED, STDIN, STDOUT, STDERR, EXIT, KILL, CREDIT, ERROR = range(0x10, 0x19)
 STAT, PING, PONG, SHUTDOWN = 0x20, 0x21, 0x22, 0x2F

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import pytest
 
 import vmm.box
 import vmm.engines.qemu
-from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Runtime, Volume
 from tests.conftest import get_with_retries
+from vmm import AsyncRuntime, BoxError, BoxNotFound, BoxOptions, ConfigError, ExecError, Runtime, Volume
 from vmm.engines.qemu import QemuEngine
 
 

@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.oci_registry import USER, PASSWORD, OciEnv, free_port
+from tests.oci_registry import PASSWORD, USER, OciEnv, free_port
 from vmm import BoxOptions
-from vmm.errors import (DigestMismatch, ImageError, ImageNotFound, InvalidReference, PlatformNotFound,
-                        RegistryAuthError, RegistryUnreachable, TruncatedBlob)
+from vmm.errors import (
+    DigestMismatch,
+    ImageError,
+    ImageNotFound,
+    InvalidReference,
+    PlatformNotFound,
+    RegistryAuthError,
+    RegistryUnreachable,
+    TruncatedBlob,
+)
 from vmm.images import base_path, reference, registry, resolve_image
 from vmm.images.ext4 import is_valid_base
 from vmm.images.oci import image_config, select_platform

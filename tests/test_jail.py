@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from vmm import BoxOptions
-from vmm.errors import ConfigError
 from vmm.engines import jail
 from vmm.engines.qemu import SANDBOX_OPTIONS
 from vmm.engines.qemu_features import parse_sandbox_options
+from vmm.errors import ConfigError
 
 DATA = Path(__file__).parent / "data" / "qemu"
 ROOT_RUNNER = os.geteuid() == 0

@@ -17,10 +17,10 @@ from xml.etree import ElementTree
 import pytest
 
 import vmm
+from tests.installed import Dists, fresh_venv, run, user_env
 from vmm import BoxOptions, Runtime, agent, engines, kernel, snapshot
 from vmm.errors import EngineUnavailable
 from vmm.images import resolve_image
-from tests.installed import Dists, fresh_venv, run, user_env
 
 AGENT_IN_PACKAGE = "vmm/bin/boxlite-agent"
 PT_INTERP = 3

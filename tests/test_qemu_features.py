@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmm.engines.qemu import find_qemu
-from vmm.engines.qemu_features import (QemuFeatures, find_firmware, parse_devices, parse_machine_options,
-                                       probe)
+from vmm.engines.qemu_features import QemuFeatures, find_firmware, parse_devices, parse_machine_options, probe
 from vmm.errors import EngineUnavailable
 
 DATA = Path(__file__).parent / "data" / "qemu"

@@ -104,7 +104,7 @@ def test_the_worker_stream_holds_a_bounded_amount_of_unreceived_messages():
     assert not done.wait(1), "read past the bound while nothing was taken"
     io.taken()
     assert done.wait(10)
-    
+
 
 def test_a_reader_waiting_for_room_is_let_go_when_the_gateway_ends():
     execution = SimpleNamespace(stdout=iter([b"x" * HELD_MESSAGES]), stdin=SimpleNamespace(close=lambda: None))

@@ -10,9 +10,19 @@ import os
 
 from .aio import AsyncBox, AsyncExecution, AsyncRuntime
 from .box import Box, BoxInfo, BoxMetrics
-from .errors import (BoxError, BoxliteError, BoxNotFound, ConfigError, EngineUnavailable, ExecError, ExecTimeout,
-                     GuestProtocolError, ImageError, OutputLimitExceeded)
-from .execution import Execution, ExecResult
+from .errors import (
+    BoxError,
+    BoxliteError,
+    BoxNotFound,
+    ConfigError,
+    EngineUnavailable,
+    ExecError,
+    ExecTimeout,
+    GuestProtocolError,
+    ImageError,
+    OutputLimitExceeded,
+)
+from .execution import ExecResult, Execution
 from .options import BoxOptions, Port, Volume
 from .runtime import Runtime, RuntimeMetrics
 

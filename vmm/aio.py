@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 from .box import Box, BoxInfo, BoxMetrics
-from .execution import Execution, ExecResult, _Output
+from .execution import ExecResult, Execution, _Output
 from .options import BoxOptions
 from .runtime import Runtime, RuntimeMetrics
 from .snapshot import Template
@@ -19,17 +20,17 @@ class AsyncRuntime:
     def __init__(self, home: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         self.sync = Runtime(home, **kwargs)
 
-    async def create(self, options: BoxOptions | None = None, **overrides: Any) -> "AsyncBox":
+    async def create(self, options: BoxOptions | None = None, **overrides: Any) -> AsyncBox:
         return AsyncBox(await asyncio.to_thread(self.sync.create, options, **overrides))
 
     async def template(self, options: BoxOptions | None = None, **kwargs: Any) -> Template:
         """`Runtime.template()`; the warm-up runs (in a thread) with the sync `Box`."""
         return await asyncio.to_thread(self.sync.template, options, **kwargs)
 
-    async def restore(self, template: Template, name: str | None = None) -> "AsyncBox":
+    async def restore(self, template: Template, name: str | None = None) -> AsyncBox:
         return AsyncBox(await asyncio.to_thread(self.sync.restore, template, name))
 
-    async def get(self, box_id: str) -> "AsyncBox":
+    async def get(self, box_id: str) -> AsyncBox:
         return AsyncBox(await asyncio.to_thread(self.sync.get, box_id))
 
     async def list(self) -> list[BoxInfo]:
@@ -44,7 +45,7 @@ class AsyncRuntime:
     async def close(self) -> None:
         await asyncio.to_thread(self.sync.close)
 
-    async def __aenter__(self) -> "AsyncRuntime":
+    async def __aenter__(self) -> AsyncRuntime:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -57,12 +58,12 @@ class AsyncBox:
         self.id = box.id
 
     @property
-    def warm_execution(self) -> "AsyncExecution | None":
+    def warm_execution(self) -> AsyncExecution | None:
         """A box restored from a snapshot: the template's warm-up command, still running."""
         execution = self.sync.warm_execution
         return AsyncExecution(execution) if execution is not None else None
 
-    async def start(self) -> "AsyncBox":
+    async def start(self) -> AsyncBox:
         await asyncio.to_thread(self.sync.start)
         return self
 
@@ -84,7 +85,7 @@ class AsyncBox:
         return await asyncio.to_thread(self.sync.exec, cmd, *args, env=env, cwd=cwd, user=user, stdin=stdin,
                                        timeout=timeout, **kwargs)
 
-    async def spawn(self, cmd: str | Iterable[str], *args: str, **kwargs: Any) -> "AsyncExecution":
+    async def spawn(self, cmd: str | Iterable[str], *args: str, **kwargs: Any) -> AsyncExecution:
         return AsyncExecution(await asyncio.to_thread(self.sync.spawn, cmd, *args, **kwargs))
 
     async def copy_in(self, src: str | os.PathLike[str], dest: str) -> None:
@@ -93,7 +94,7 @@ class AsyncBox:
     async def copy_out(self, src: str, dest: str | os.PathLike[str]) -> None:
         await asyncio.to_thread(self.sync.copy_out, src, dest)
 
-    async def __aenter__(self) -> "AsyncBox":
+    async def __aenter__(self) -> AsyncBox:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

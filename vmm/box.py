@@ -14,15 +14,16 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from . import bootfail, engines, kernel
 from .channel import Channel
 from .engines.base import VM, Disk, LaunchSpec, Share
 from .errors import BoxError, ConfigError, ExecError, GuestProtocolError
-from .execution import Execution, ExecResult
+from .execution import ExecResult, Execution
 from .images import ResolvedImage
 from .options import BoxOptions, network_mode
 from .protocol import T, parse_records, record_int, records
@@ -70,7 +71,7 @@ class BoxMetrics:
 class Box:
     """A microVM. Create it with `Runtime.create()`; `with box:` starts it and stops it at the end."""
 
-    def __init__(self, runtime: "Runtime", box_id: str, options: BoxOptions, image: ResolvedImage,
+    def __init__(self, runtime: Runtime, box_id: str, options: BoxOptions, image: ResolvedImage,
                  created: float, status: str = "created") -> None:
         self.id = box_id
         self.options = options
@@ -85,7 +86,7 @@ class Box:
         self._channel: Channel | None = None
         self._lock = threading.RLock()
         self._ram_file: Path | None = None  # booting a snapshot template: its RAM goes to this file
-        self._template: "Template | None" = None  # restored from this template instead of booted
+        self._template: Template | None = None  # restored from this template instead of booted
         self.warm_execution: Execution | None = None  # the template's running command, taken over
 
     # -- state on disk --------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class Box:
         os.replace(tmp, self._dir / "box.json")
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> "Box":
+    def start(self) -> Box:
         """Boot the VM and wait until its agent is ready. Idempotent."""
         with self._lock:
             if self.status == "running":
@@ -163,7 +164,7 @@ class Box:
             log.info("box %s running on %s (%.2f s)", self.id, engine.name, time.monotonic() - started)
             return self
 
-    def _launch_spec(self, boot: kernel.BootFiles, template: "Template | None") -> LaunchSpec:
+    def _launch_spec(self, boot: kernel.BootFiles, template: Template | None) -> LaunchSpec:
         disks = []
         shares = []
         if self.image.tree is None:
@@ -263,7 +264,7 @@ class Box:
         if answer != T.READY:
             raise GuestProtocolError(f"box {self.id}: the agent answered {kind.name} with {answer.name}")
 
-    def _restore(self, engine: engines.Engine, spec: LaunchSpec, template: "Template", started: float) -> "Box":
+    def _restore(self, engine: engines.Engine, spec: LaunchSpec, template: Template, started: float) -> Box:
         """Start a copy of the template's VM: its RAM copy-on-write, its own channel, console and identity."""
         vm = engine.launch(spec)
         channel = Channel(vm.channel, self._lost_error_factory(vm), first_stream=template.next_stream)
@@ -365,7 +366,7 @@ class Box:
             self.status = "removed"
             self._runtime._removed(self)
 
-    def __enter__(self) -> "Box":
+    def __enter__(self) -> Box:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

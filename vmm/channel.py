@@ -16,8 +16,9 @@ import logging
 import queue
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .errors import BoxError, GuestProtocolError
 from .protocol import FrameDecoder, T, frame

@@ -6,8 +6,9 @@ import collections
 import signal as signals
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from .errors import BoxError, ExecError, ExecTimeout, GuestProtocolError, OutputLimitExceeded
 from .protocol import MAX_PAYLOAD, OUTPUT_WINDOW, STDIN_WINDOW, T, parse_records, record_int, records
@@ -42,7 +43,7 @@ class ExecResult:
 class _Output:
     """`execution.stdout` / `.stderr`: iterate for chunks as they come, or `read()` all of it."""
 
-    def __init__(self, execution: "Execution", fd: int) -> None:
+    def __init__(self, execution: Execution, fd: int) -> None:
         self._execution = execution
         self._fd = fd
 
@@ -60,7 +61,7 @@ class _Output:
 class _Stdin:
     """`execution.stdin`: `write()` blocks while the guest has no room (flow control), `close()` sends EOF."""
 
-    def __init__(self, execution: "Execution") -> None:
+    def __init__(self, execution: Execution) -> None:
         self._execution = execution
 
     def write(self, data: bytes | str) -> int:
@@ -89,8 +90,8 @@ class ExecutionState:
 class Execution:
     """A command running in a box (returned by `Box.spawn`). Thread-safe; like `subprocess.Popen`."""
 
-    def __init__(self, channel: "Channel", args: tuple[str, ...], exec_payload: bytes | None,
-                 on_done: "callable[[], None] | None" = None, state: ExecutionState | None = None) -> None:
+    def __init__(self, channel: Channel, args: tuple[str, ...], exec_payload: bytes | None,
+                 on_done: callable[[], None] | None = None, state: ExecutionState | None = None) -> None:
         """Sends EXEC with `exec_payload`; or, given `state` (and no payload), adopts that running command."""
         self.args = args
         self.pid: int | None = None
@@ -301,7 +302,7 @@ class Execution:
         with self._cond:
             self._cond.wait_for(lambda: self._done, KILL_GRACE)
 
-    def __enter__(self) -> "Execution":
+    def __enter__(self) -> Execution:
         return self
 
     def __exit__(self, *exc: object) -> None:

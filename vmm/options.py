@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -46,7 +47,7 @@ class Volume:
     mode: Literal["ro", "rw", "cow"] = "ro"
 
     @classmethod
-    def parse(cls, spec: "Volume | str | tuple | list") -> "Volume":
+    def parse(cls, spec: Volume | str | tuple | list) -> Volume:
         """Accept a Volume, `HOST:GUEST[:ro|rw|cow]`, or a (host, guest[, mode]) sequence."""
         if isinstance(spec, Volume):
             return spec
@@ -65,7 +66,7 @@ class Port:
     protocol: Literal["tcp", "udp"] = "tcp"
 
     @classmethod
-    def parse(cls, spec: "Port | str | tuple | list") -> "Port":
+    def parse(cls, spec: Port | str | tuple | list) -> Port:
         """Accept a Port, `HOST:GUEST[/tcp|udp]`, or a (host, guest[, protocol]) sequence."""
         if isinstance(spec, Port):
             return spec
@@ -104,7 +105,7 @@ class BoxOptions:
     # the host image, libkrun) boot either way.
     snapshots: bool = True
 
-    def validated(self) -> "BoxOptions":
+    def validated(self) -> BoxOptions:
         """A normalised copy (parsed volumes and ports), or ConfigError naming the bad field."""
         volumes = tuple(Volume.parse(v) for v in self.volumes)
         ports = tuple(Port.parse(p) for p in self.ports)
@@ -169,7 +170,7 @@ class BoxOptions:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BoxOptions":
+    def from_dict(cls, data: Mapping[str, Any]) -> BoxOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

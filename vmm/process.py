@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
-_requests: "queue.Queue[tuple[Future, tuple, dict]]" = queue.Queue()
+_requests: queue.Queue[tuple[Future, tuple, dict]] = queue.Queue()
 _children: set[subprocess.Popen] = set()
 _lock = threading.Lock()
 _thread: threading.Thread | None = None

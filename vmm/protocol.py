@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .errors import GuestProtocolError
 

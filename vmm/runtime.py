@@ -10,9 +10,10 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import agent, cache, engines, kernel, snapshot
 from .box import Box, BoxInfo
@@ -244,7 +245,7 @@ class Runtime:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from . import agent, cache, engines, kernel
+from . import agent, cache, engines
 from .box import Box
 from .errors import BoxError, ConfigError, ExecError
 from .execution import Execution, ExecutionState
@@ -104,7 +104,7 @@ def _stat(path: Path | str) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+def template_key(runtime: Runtime, options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                  extra: str) -> str:
     """A digest of everything a template's saved RAM and devices depend on: change any, get a new template."""
     boot = runtime._boot_files()
@@ -127,7 +127,7 @@ def template_key(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, 
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def boot_template(runtime: "Runtime", options: BoxOptions, image: ResolvedImage,
+def boot_template(runtime: Runtime, options: BoxOptions, image: ResolvedImage,
                   engine: engines.Engine) -> Template | None:
     """What `Box.start()` restores instead of booting: a box of these options saved right after it booted
     (built by the first start). None if such boxes cannot be snapshotted: they boot."""
@@ -176,12 +176,12 @@ def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -
     return template
 
 
-def get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+def get_or_build(runtime: Runtime, options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                  warmup: Warmup | None, extra: str) -> Template:
     return _get_or_build(runtime, options, image, engine, warmup, template_key(runtime, options, image, engine, extra))
 
 
-def _get_or_build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+def _get_or_build(runtime: Runtime, options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
                   warmup: Warmup | None, key: str) -> Template:
     directory = runtime.home.templates / key[:32]
     # In use from now until the runtime closes (first, so that no eviction removes it between check and use).
@@ -218,7 +218,7 @@ def _check_space(templates: Path, options: BoxOptions) -> None:
         )
 
 
-def _build(runtime: "Runtime", options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
+def _build(runtime: Runtime, options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
            directory: Path, about: str) -> Template:
     started = time.monotonic()
     what = "boot snapshot" if warmup is _boot_warmup else "snapshot template"

@@ -7,8 +7,8 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import EngineUnavailable
 from .base import Engine
@@ -114,9 +114,7 @@ def select(name: str = "auto", kernel_release: str | None = None) -> Engine:
     from .qemu import QemuEngine, find_qemu
 
     if name in ("auto", "libkrun"):
-        from .libkrun import LibkrunEngine
-
-        from .libkrun import kernel_problem
+        from .libkrun import LibkrunEngine, kernel_problem
 
         status, lib = libkrun_status()
         problem = kernel_problem(kernel_release) if status.usable and kernel_release else None

@@ -100,7 +100,7 @@ class QemuEngine(Engine):
         bios, roms_off = self.features.boot_firmware()
         return [self.name, self.qemu, st.st_size, st.st_mtime_ns, str(bios), roms_off, CMDLINE, TCG_CMDLINE, TCG_CPU]
 
-    def argv(self, spec: LaunchSpec, fds: "QemuFds", jail: Jail | None = None) -> list[str]:
+    def argv(self, spec: LaunchSpec, fds: QemuFds, jail: Jail | None = None) -> list[str]:
         """qemu's command line; the files it uses by descriptor are in `fds` (inherited at their numbers)."""
         self.features.require((("vhost-user-fs-device",) if spec.shares else ())
                               + (("virtio-net-device",) if spec.nic else ()))
@@ -172,7 +172,7 @@ class QemuEngine(Engine):
     def jail(self, spec: LaunchSpec) -> Jail:
         return jail_for_box(spec.box_dir, self.features.has_sandbox(SANDBOX_OPTIONS))
 
-    def launch(self, spec: LaunchSpec) -> "QemuVM":
+    def launch(self, spec: LaunchSpec) -> QemuVM:
         spec.box_dir.mkdir(parents=True, exist_ok=True)
         jail = self.jail(spec)
         console = ConsoleLog(spec.console_log)

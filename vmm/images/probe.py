@@ -7,8 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from vmm.errors import ImageError
 from vmm import process
+from vmm.errors import ImageError
 
 # Where `python3` is found on an image's default PATH, first match first.
 PYTHON3 = ("/usr/local/bin/python3", "/usr/bin/python3", "/bin/python3")

@@ -31,8 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.errors import (DigestMismatch, ImageError, ImageNotFound, RegistryAuthError, RegistryUnreachable,
-                        TruncatedBlob)
+from vmm.errors import DigestMismatch, ImageError, ImageNotFound, RegistryAuthError, RegistryUnreachable, TruncatedBlob
 from vmm.images.reference import DOCKER_HUB, DOCKER_HUB_API
 from vmm.images.store import BlobWriter
 

@@ -21,10 +21,10 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import IO
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 from filelock import FileLock, Timeout
 
@@ -60,7 +60,7 @@ class BlobWriter:
     resume from its end (`offset`); `restart()` throws it away when the server cannot resume.
     """
 
-    def __init__(self, store: "BlobStore", digest: str, expected_size: int | None) -> None:
+    def __init__(self, store: BlobStore, digest: str, expected_size: int | None) -> None:
         self.store = store
         self.digest = digest
         self.expected_size = expected_size
