@@ -24,7 +24,7 @@ import execnet
 from execnet import gateway_bootstrap
 
 from vmm import Box
-from vmm.errors import BoxError, BoxliteError
+from vmm.errors import BoxError, BoxliteError, WorkerLost, WorkerTimeout
 
 from . import examples
 from .worker import PLAIN_FIELDS
@@ -111,14 +111,6 @@ class ExecutionIO:
             return int(self.execution.wait(timeout=10))
         except BoxliteError:
             return None
-
-
-class WorkerLost(Exception):
-    """The worker or its box is gone; the message says how, with the console or stderr tail."""
-
-
-class WorkerTimeout(Exception):
-    """The test ran past its timeout; the worker was killed."""
 
 
 @dataclass

@@ -26,18 +26,26 @@ from _pytest import junitxml  # its stash key: where record_testsuite_property r
 
 from vmm import Box, BoxOptions, Execution, Runtime
 from vmm.engines import select as select_engine
-from vmm.errors import BoxliteError, ConfigError
-from vmm.hostpython import HostPython, HostPythonUnsupported, host_python, interpreter_dirs, system_python
+from vmm.errors import (
+    BoxliteError,
+    ConfigError,
+    HostPythonUnsupported,
+    NoSpaceForTemplate,
+    PythonMismatch,
+    WorkerLost,
+    WorkerTimeout,
+)
+from vmm.hostpython import HostPython, host_python, interpreter_dirs, system_python
 from vmm.images import resolve_image
 from vmm.images.probe import python_version
-from vmm.snapshot import NoSpaceForTemplate, Template
+from vmm.snapshot import Template
 from vmm.volumes import directory_image
 
 from .config import SessionConfig, Settings, marker_arguments
 from .examples import HostDatabase
 from .nodes import BoxNode, Nodes
 from .pool import Pool
-from .relay import WORKER_SOURCE, Worker, WorkerLost, WorkerTimeout, site_directories
+from .relay import WORKER_SOURCE, Worker, site_directories
 from .worker import GUEST_OVERRIDES
 
 log = logging.getLogger(__name__)
@@ -562,10 +570,6 @@ class BoxliteSession:
         finally:
             if self._runtime is not None:
                 self._runtime.close()
-
-
-class PythonMismatch(ConfigError):
-    """python="image" with an image whose python3 is not the host's minor version (or that has none)."""
 
 
 def _runs_host_python(settings: Settings) -> bool:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from vmm.hostpython import LOADER, HostPythonUnsupported, check_supported, with_interpreter
+from vmm.errors import HostPythonUnsupported
+from vmm.hostpython import LOADER, check_supported, with_interpreter
 from vmm.images.default import remove_tree
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_boxlite.examples import MAX_KEY, MAX_OPERATIONS, MAX_VALUE
-from pytest_boxlite.relay import HELD_MESSAGES, ExecutionIO, Worker, WorkerLost
+from pytest_boxlite.relay import HELD_MESSAGES, ExecutionIO, Worker
+from vmm.errors import WorkerLost
 
 
 class ScriptedChannel:

@@ -19,8 +19,13 @@ from .errors import (
     ExecError,
     ExecTimeout,
     GuestProtocolError,
+    HostPythonUnsupported,
     ImageError,
+    NoSpaceForTemplate,
     OutputLimitExceeded,
+    PythonMismatch,
+    WorkerLost,
+    WorkerTimeout,
 )
 from .execution import ExecResult, Execution
 from .options import BoxOptions, Port, Volume
@@ -36,8 +41,9 @@ if os.environ.get("BOXLITE_LOG"):
     logging.getLogger(__name__).setLevel(os.environ["BOXLITE_LOG"].upper())
 
 __all__ = [
-    "AsyncBox", "AsyncExecution", "AsyncRuntime", "Box", "BoxError", "BoxInfo", "BoxMetrics", "BoxNotFound",
-    "BoxOptions", "BoxliteError", "ConfigError", "EngineUnavailable", "ExecError", "ExecResult", "ExecTimeout",
-    "Execution", "GuestProtocolError", "ImageError", "OutputLimitExceeded", "Port", "Runtime", "RuntimeMetrics",
-    "Volume",
+    "AsyncBox", "AsyncExecution", "AsyncRuntime", "Box", "BoxError", "BoxInfo", "BoxliteError", "BoxMetrics",
+    "BoxNotFound", "BoxOptions", "ConfigError", "EngineUnavailable", "ExecError", "ExecResult", "ExecTimeout",
+    "Execution", "GuestProtocolError", "HostPythonUnsupported", "ImageError", "NoSpaceForTemplate",
+    "OutputLimitExceeded", "Port", "PythonMismatch", "Runtime", "RuntimeMetrics", "Volume", "WorkerLost",
+    "WorkerTimeout",
 ]

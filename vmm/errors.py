@@ -106,3 +106,23 @@ class UnsupportedImage(ImageError):
 
 class TruncatedBlob(ImageError):
     """A blob download kept ending before its declared size; the partial file is kept for a resume."""
+
+
+class NoSpaceForTemplate(BoxError):
+    """The runtime home's disk has too little free space to save a template (checked before building)."""
+
+
+class HostPythonUnsupported(ConfigError):
+    """The running interpreter cannot be carried into a box; the message names python="image"."""
+
+
+class PythonMismatch(ConfigError):
+    """python="image" with an image whose python3 is not the host's minor version (or that has none)."""
+
+
+class WorkerLost(BoxError):
+    """A test worker or its box is gone; the message says how, with the console or stderr tail."""
+
+
+class WorkerTimeout(BoxliteError, TimeoutError):
+    """A test ran past its timeout; its worker was killed."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
-from .errors import ConfigError
+from .errors import HostPythonUnsupported
 from .images.ext4 import Progress, build_ext4_base
 from .images.host import PRIVATE_ROOTS
 from .volumes import directory_image, volume_dir
@@ -65,10 +65,6 @@ _SYSTEM_PREFIXES = ("/", "/usr")
 _HINT = ('use python="image" (boxlite_python = image, --boxlite-python image) with an image whose python3 has '
          'the host\'s minor version')
 _PT_INTERP = 3
-
-
-class HostPythonUnsupported(ConfigError):
-    """The running interpreter cannot be carried into a box; the message names python="image"."""
 
 
 @dataclass(frozen=True)
@@ -258,5 +254,5 @@ def _build_libraries_image(home: Path, dest: Path, loader: str, executable: str,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["GUEST_LIBS", "HostPython", "HostPythonUnsupported", "check_supported", "host_python", "system_python",
+__all__ = ["GUEST_LIBS", "HostPython", "check_supported", "host_python", "system_python",
            "interpreter_dirs"]

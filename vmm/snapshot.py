@@ -29,7 +29,7 @@ from filelock import FileLock
 
 from . import agent, cache, engines
 from .box import Box
-from .errors import BoxError, ConfigError, ExecError
+from .errors import BoxError, ConfigError, ExecError, NoSpaceForTemplate
 from .execution import Execution, ExecutionState
 from .images import ResolvedImage
 from .options import BoxOptions
@@ -55,10 +55,6 @@ SPACE_MARGIN_MIB = 64
 # What a new template is expected to take on disk, as a share of its box's memory, when making room for it
 # under the home's cap (measured: 80 MiB of 512 after the zero pages are dug out).
 EXPECTED_RAM_SHARE = 0.25
-
-
-class NoSpaceForTemplate(BoxError):
-    """The runtime home's disk has too little free space to save a template (checked before building)."""
 
 
 @dataclass(frozen=True)
