@@ -62,6 +62,31 @@ def test_images_pull_ls_rm_prune(oci_env: OciEnv, tmp_path: Path) -> None:
     assert boxlite(home, "images", "ls").stdout.splitlines()[1:] == []
 
 
+def test_boxlite_log_turns_on_the_runtime_logging(oci_env: OciEnv, tmp_path: Path) -> None:
+    quiet = boxlite(tmp_path / "quiet", "images", "pull", f"oci:{oci_env.busybox_layout}:v1")
+    assert quiet.returncode == 0 and "DEBUG" not in quiet.stderr, quiet.stderr
+    loud = boxlite(tmp_path / "loud", "images", "pull", f"oci:{oci_env.busybox_layout}:v1",
+                   env={"BOXLITE_LOG": "debug"})
+    assert loud.returncode == 0, loud.stderr
+    assert "vmm.images.ext4 DEBUG running " in loud.stderr  # the mkfs command line, to run by hand
+    bad = boxlite(tmp_path / "bad", "doctor", env={"BOXLITE_LOG": "loud"})
+    assert bad.returncode == 1
+    assert bad.stderr == ("error: BOXLITE_LOG='loud' is not a log level: use one of debug, info, warning, error, "
+                          "critical\n")
+
+
+def test_importing_vmm_configures_no_logging() -> None:
+    """Only a program's start (the CLI, the plugin, or a call to vmm.log.enable_from_env()) attaches a handler."""
+    script = ("import logging, vmm, vmm.log; "
+              "assert not logging.getLogger('vmm').handlers; "
+              "vmm.log.enable_from_env(); vmm.log.enable_from_env(); "
+              "logging.getLogger('vmm.box').debug('seen once')")
+    env = dict(os.environ, BOXLITE_LOG="debug", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("vmm.box DEBUG seen once") == 1
+
+
 def test_pull_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
     bad = boxlite(tmp_path, "images", "pull", "Not A Ref")
     assert bad.returncode == 1 and bad.stderr.startswith("error: invalid image reference")

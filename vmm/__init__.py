@@ -5,9 +5,6 @@
         print(box.exec("python3", "-c", "print(6 * 7)").stdout)
 """
 
-import logging
-import os
-
 from .aio import AsyncBox, AsyncExecution, AsyncRuntime
 from .box import Box, BoxInfo, BoxMetrics
 from .errors import (
@@ -32,13 +29,6 @@ from .options import BoxOptions, Port, Volume
 from .runtime import Runtime, RuntimeMetrics
 
 __version__ = "0.1.0"
-
-if os.environ.get("BOXLITE_LOG"):
-    # BOXLITE_LOG=debug (or info, warning) turns the runtime's logging on, to stderr.
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger(__name__).addHandler(_handler)
-    logging.getLogger(__name__).setLevel(os.environ["BOXLITE_LOG"].upper())
 
 __all__ = [
     "AsyncBox", "AsyncExecution", "AsyncRuntime", "Box", "BoxError", "BoxInfo", "BoxliteError", "BoxMetrics",

@@ -28,9 +28,7 @@ from pathlib import Path
 from vmm import cache
 from vmm.errors import BoxliteError
 from vmm.home import Home
-
-log = logging.getLogger(__name__)
-
+from vmm.log import enable_from_env
 
 # ---------------------------------------------------------------- output helpers
 
@@ -536,9 +534,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        if not enable_from_env():  # $BOXLITE_LOG wins over -v
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                                format="%(levelname)s %(name)s: %(message)s")
         home = Home(_setup_home(args))
         return int(args.func(args, home))
     except BoxliteError as e:
