@@ -6,7 +6,7 @@ import collections
 import signal as signals
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,7 @@ class ExecResult:
         return self.exit_code == 0
 
 
-class _Output:
+class Output:
     """`execution.stdout` / `.stderr`: iterate for chunks as they come, or `read()` all of it."""
 
     def __init__(self, execution: Execution, fd: int) -> None:
@@ -58,7 +58,7 @@ class _Output:
         return b"".join(self)
 
 
-class _Stdin:
+class Stdin:
     """`execution.stdin`: `write()` blocks while the guest has no room (flow control), `close()` sends EOF."""
 
     def __init__(self, execution: Execution) -> None:
@@ -91,14 +91,14 @@ class Execution:
     """A command running in a box (returned by `Box.spawn`). Thread-safe; like `subprocess.Popen`."""
 
     def __init__(self, channel: Channel, args: tuple[str, ...], exec_payload: bytes | None,
-                 on_done: callable[[], None] | None = None, state: ExecutionState | None = None) -> None:
+                 on_done: Callable[[], None] | None = None, state: ExecutionState | None = None) -> None:
         """Sends EXEC with `exec_payload`; or, given `state` (and no payload), adopts that running command."""
         self.args = args
         self.pid: int | None = None
         self.returncode: int | None = None
-        self.stdout = _Output(self, STDOUT)
-        self.stderr = _Output(self, STDERR)
-        self.stdin = _Stdin(self)
+        self.stdout = Output(self, STDOUT)
+        self.stderr = Output(self, STDERR)
+        self.stdin = Stdin(self)
         self._channel = channel
         self._cond = threading.Condition()
         # Small frames are joined into the last chunk: what a guest sending 1-byte frames costs in memory is
