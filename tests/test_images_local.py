@@ -409,7 +409,7 @@ def test_default_image_is_cached(default_build: tuple[Path, ResolvedImage, float
 @pytest.mark.slow
 def test_prebuild_command(default_build: tuple[Path, ResolvedImage, float, list[str]]) -> None:
     home, image, _elapsed, _ = default_build
-    proc = subprocess.run([sys.executable, "-m", "vmm.images.default", "--home", str(home)],
+    proc = subprocess.run([sys.executable, "-m", "vmm.images", "--home", str(home)],
                           check=False, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0, proc.stderr
     assert f"base:   {image.base}" in proc.stdout and image.digest in proc.stdout

@@ -221,8 +221,9 @@ def cmd_cache_prune(args: argparse.Namespace, home: Home) -> int:
     return 0
 
 
-def add_cache_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="the runtime home: snapshot templates, boot snapshots, volume images, "
+def add_cache_commands(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    """The `cache` command, added with `add_parser` of the top-level subcommands."""
+    p = add_parser("cache", help="the runtime home: snapshot templates, boot snapshots, volume images, "
                                      "ext4 bases and kernel builds, and its size cap",
                        description=f"Everything in the runtime home that is rebuilt on demand. The home is kept "
                        f"under a cap (${cache.ENV}, e.g. 10G, else cache_max in HOME/{cache.CONFIG_NAME}, else "
@@ -518,7 +519,7 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-size", type=float, metavar="GB",
                        help="remove least recently used images until the cache is under GB gigabytes")
     prune.set_defaults(func=cmd_prune)
-    add_cache_commands(sub)
+    add_cache_commands(sub.add_parser)
     sub.add_parser("doctor", help="check that this host can run boxes").set_defaults(func=cmd_doctor)
     setup = sub.add_parser("setup", help="get this host ready: system packages (apt-get, as root), the default "
                                          "image and its boot snapshot, then doctor",

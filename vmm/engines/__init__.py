@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import EngineUnavailable
-from .base import Engine
+from .base import KVM_DEVICE, Engine
 
 if TYPE_CHECKING:
     from .libkrun_ffi import Libkrun
 
 log = logging.getLogger(__name__)
 
-KVM_DEVICE = "/dev/kvm"
 KVM_FIX = (
     "add your user to the kvm group (`sudo usermod -aG kvm $USER`, then log in again) "
     "or use engine='qemu-tcg' (software emulation, slower)"

@@ -15,6 +15,7 @@ from .. import process
 from ..errors import EngineUnavailable
 from ..options import Port
 
+KVM_DEVICE = "/dev/kvm"
 SOCKET_PATH_BUDGET = 90  # sun_path holds 107 bytes; names like "/fs12.sock" must still fit
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from .. import process
 from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
-from . import KVM_DEVICE, network
-from .base import Disk, Engine, LaunchSpec, ProcessVM, Share
+from . import network
+from .base import KVM_DEVICE, Disk, Engine, LaunchSpec, ProcessVM, Share
 from .jail import Jail
 from .jail import enabled as jail_enabled
 from .jail import for_box as jail_for_box

@@ -6,7 +6,7 @@ Layout: `home/images/default/<key>/rootfs/` (the tree) and `<key>/image.json` (i
 A `<key>` directory exists only once complete: builds happen in `.tmp-<key>-*` beside it and are
 renamed into place; leftovers of a crash or Ctrl-C are removed by the next build.
 
-`python -m vmm.images.default` prebuilds it (used by the project's setup step).
+`boxlite setup` (or `python -m vmm.images`) prebuilds it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -338,7 +337,7 @@ def _run_mmdebstrap(suite: str, rootfs: Path, work: Path, progress: Progress | N
     if os.geteuid() != 0:
         raise ImageError(
             "building the default image needs root for now (mmdebstrap must create root-owned files): "
-            "run the setup step as root (`sudo BOXLITE_HOME=... python -m vmm.images.default`), "
+            "run the setup step as root (`sudo boxlite setup`), "
             "or use image='dir:PATH' with a root filesystem you built."
         )
     override = os.environ.get(SOURCES_ENV)
@@ -433,40 +432,3 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
     else:
         entry.unlink(missing_ok=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Prebuild the default image (and its ext4 base) and print where they are."""
-    import argparse
-
-    from vmm.images import resolve_image
-
-    parser = argparse.ArgumentParser(prog="python -m vmm.images.default", description=main.__doc__)
-    parser.add_argument("--home", type=Path, default=None,
-                        help="runtime home (default: $BOXLITE_HOME, $XDG_CACHE_HOME/pytest-boxlite, "
-                             "~/.cache/pytest-boxlite)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if ns.home is None:
-        from vmm.home import default_home
-
-        ns.home = default_home()
-    home = ns.home.expanduser().resolve()
-
-    def show(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
-        image = resolve_image("default", home, progress=None if ns.quiet else show)
-    except ImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"rootfs: {ensure_default_image(home).rootfs}")
-    print(f"base:   {image.base}")
-    print(f"digest: {image.digest}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

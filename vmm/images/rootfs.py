@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from vmm.errors import ImageError
@@ -59,7 +60,7 @@ def fingerprint(path: Path) -> str:
             names = sorted(os.listdir(top))
         except OSError as e:
             raise ImageError(f"image dir:{path}: cannot read {top}: {e}. Make the tree readable.") from e
-        _add(h, rel or ".", st, "")
+        _add(h.update, rel or ".", st, "")
         subdirs = []
         for name in names:
             child_rel = os.path.join(rel, name) if rel else name
@@ -72,15 +73,15 @@ def fingerprint(path: Path) -> str:
             if stat.S_ISDIR(cst.st_mode):
                 subdirs.append(child_rel)
             else:
-                _add(h, child_rel, cst, target)
+                _add(h.update, child_rel, cst, target)
         stack.extend(reversed(subdirs))  # depth first, in sorted order
     return "sha256:" + h.hexdigest()
 
 
-def _add(h: hashlib._Hash, rel: str, st: os.stat_result, target: str) -> None:
+def _add(update: Callable[[bytes], object], rel: str, st: os.stat_result, target: str) -> None:
     size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size  # directory sizes vary with history
     rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
-    h.update(
+    update(
         f"{rel}\0{st.st_mode:o}\0{st.st_uid}\0{st.st_gid}\0{size}\0{st.st_mtime_ns}\0{rdev}\0{target}\n"
         .encode("utf-8", "surrogateescape")
     )

@@ -29,6 +29,7 @@ from typing import IO
 from filelock import FileLock, Timeout
 
 from vmm.errors import DigestMismatch, ImageError
+from vmm.images.model import base_path  # the one place that knows where bases live
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +264,6 @@ def referenced_by_boxes(home: Path) -> set[str]:
 def collect_garbage(home: Path) -> int:
     """Delete bases and blobs no index entry or box refers to, and interrupted downloads.
     Returns the bytes freed. Files locked by another process (being written) are left alone."""
-    from vmm.images import base_path  # the one place that knows where bases live
-
     images = Path(home) / "images"
     store = BlobStore(images)
     entries = ImageIndex(images).entries().values()
