@@ -120,7 +120,7 @@ def cmd_ls(args: argparse.Namespace, home: Home) -> int:
         rows.append((e.ref, e.digest.split(":")[-1][:12], human(_entry_size(home, e)), ago(e.last_used)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
@@ -193,7 +193,7 @@ def cmd_cache_ls(args: argparse.Namespace, home: Home) -> int:
         rows.append((e.kind, cache.format_size(e.size), ago(e.last_used), e.path.name[:16], e.what or "?"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[4]]).rstrip())
+        print("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]]).rstrip())
     size = cache.home_size(home.root)
     cap = cache.cache_max(home.root, size)
     print(f"{len(entries)} entries, {cache.format_size(sum(e.size for e in entries))}; the home takes "
@@ -363,7 +363,7 @@ def _cache_check(home: Home) -> Check:
     entries = list(ImageIndex(home.images).entries().values())
     # A missing base is not broken: evicted under the home's cap, it is rebuilt on next use.
     bases = [base_path(home.root, e.image_id) for e in entries]
-    broken = [e.ref for e, base in zip(entries, bases) if base.exists() and not is_valid_base(base)]
+    broken = [e.ref for e, base in zip(entries, bases, strict=True) if base.exists() and not is_valid_base(base)]
     partial = list((home.images / "blobs" / "partial").glob("*"))
     free = shutil.disk_usage(home.root).free
     detail = f"{home.root}: {len(entries)} images, {len(partial)} partial downloads, {human(free)} free"
@@ -447,8 +447,9 @@ def _sudo_user() -> pwd.struct_passwd | None:
 def _setup_home(args: argparse.Namespace) -> Path | None:
     """`sudo boxlite setup` prepares the home of the user who ran sudo (sudo set $HOME to root's)."""
     user = _sudo_user() if args.command == "setup" and args.home is None else None
+    home: Path | None = args.home
     if user is None or os.environ.get("BOXLITE_HOME"):
-        return args.home
+        return home
     return Path(user.pw_dir) / ".cache" / "pytest-boxlite"
 
 

@@ -102,7 +102,7 @@ def find_kernel(image: str | os.PathLike[str] | None = None, modules: str | os.P
     return kernel
 
 
-def _version_key(path: Path) -> list:
+def _version_key(path: Path) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in path.name.replace("-", ".").split(".")]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ def network_mode(value: Any) -> str:
         return "internet"
     if value is False:
         return "none"
-    if value in NETWORK_MODES:
+    if isinstance(value, str) and value in NETWORK_MODES:
         return value
     raise ConfigError(f"network={value!r} is invalid: use {NETWORK_FIX}")
 
@@ -47,11 +47,11 @@ class Volume:
     mode: Literal["ro", "rw", "cow"] = "ro"
 
     @classmethod
-    def parse(cls, spec: Volume | str | tuple | list) -> Volume:
+    def parse(cls, spec: Volume | str | Sequence[str]) -> Volume:
         """Accept a Volume, `HOST:GUEST[:ro|rw|cow]`, or a (host, guest[, mode]) sequence."""
         if isinstance(spec, Volume):
             return spec
-        parts = spec.split(":") if isinstance(spec, str) else list(spec)
+        parts: list[Any] = spec.split(":") if isinstance(spec, str) else list(spec)  # the mode: validated()
         if len(parts) not in (2, 3):
             raise ConfigError(f"volume {spec!r}: write it as HOST:GUEST or HOST:GUEST:ro|rw|cow")
         return cls(*parts)
@@ -66,7 +66,7 @@ class Port:
     protocol: Literal["tcp", "udp"] = "tcp"
 
     @classmethod
-    def parse(cls, spec: Port | str | tuple | list) -> Port:
+    def parse(cls, spec: Port | str | Sequence[int | str]) -> Port:
         """Accept a Port, `HOST:GUEST[/tcp|udp]`, or a (host, guest[, protocol]) sequence."""
         if isinstance(spec, Port):
             return spec
@@ -157,10 +157,11 @@ class BoxOptions:
         network = network_mode(self.network)
         if ports and network == "none":
             raise ConfigError("ports need a network: network='internet' or 'full'")
-        if isinstance(self.host_ports, (str, bytes)):
-            raise ConfigError(f"host_ports={self.host_ports!r}: give a list of port numbers")
-        for port in self.host_ports:
-            _check_int("host_ports: port", port, 1, 65535)
+        given: object = self.host_ports  # what the caller passed, not yet what the field's type says
+        if isinstance(given, (str, bytes)):
+            raise ConfigError(f"host_ports={given!r}: give a list of port numbers")
+        for host_port in self.host_ports:
+            _check_int("host_ports: port", host_port, 1, 65535)
         if self.host_ports and network == "none":
             raise ConfigError("host_ports need network='internet' (with network='none' a box has no network)")
         return dataclasses.replace(self, volumes=volumes, ports=ports, env=dict(self.env), network=network,

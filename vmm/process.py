@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
-_requests: queue.Queue[tuple[Future, tuple, dict]] = queue.Queue()
-_children: set[subprocess.Popen] = set()
+# A child's stdout may be text or bytes (the caller's `text=`): Popen[Any].
+_requests: queue.Queue[tuple[Future[subprocess.Popen[Any]], tuple[Any, ...], dict[str, Any]]] = queue.Queue()
+_children: set[subprocess.Popen[Any]] = set()
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 
@@ -52,14 +53,14 @@ def _die_with_parent_no_new_privs() -> None:
 def _serve() -> None:
     while True:
         future, args, kwargs = _requests.get()
-        preexec = _die_with_parent_no_new_privs if kwargs.pop("no_new_privs", False) else _die_with_parent
+        kwargs["preexec_fn"] = _die_with_parent_no_new_privs if kwargs.pop("no_new_privs", False) else _die_with_parent
         try:
-            future.set_result(subprocess.Popen(*args, preexec_fn=preexec, **kwargs))
+            future.set_result(subprocess.Popen(*args, **kwargs))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             future.set_exception(exc)
 
 
-def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
+def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
     """`subprocess.Popen(*args, **kwargs)`, forked by the spawner thread, tracked for cleanup.
     `no_new_privs=True` sets PR_SET_NO_NEW_PRIVS in the child before it execs."""
     global _thread
@@ -67,7 +68,7 @@ def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
         if _thread is None:
             _thread = threading.Thread(target=_serve, name="boxlite-spawner", daemon=True)
             _thread.start()
-    future: Future = Future()
+    future: Future[subprocess.Popen[Any]] = Future()
     _requests.put((future, args, kwargs))
     proc = future.result()
     with _lock:
@@ -75,7 +76,7 @@ def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
     return proc
 
 
-def reap(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+def reap(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
     """Wait for `proc` to end (SIGKILL after `timeout`), then forget it."""
     try:
         code = proc.wait(timeout)

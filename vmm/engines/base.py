@@ -154,8 +154,8 @@ class Engine(abc.ABC):
 class ProcessVM(VM):
     """A VM that is one host process plus helper processes (passt, virtiofsd): their common lifecycle."""
 
-    def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
-                 spec: LaunchSpec) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], helpers: list[subprocess.Popen[bytes]],
+                 channel: socket.socket, spec: LaunchSpec) -> None:
         self.proc = proc
         self.helpers = helpers
         self.channel = channel

@@ -7,6 +7,7 @@ which the host listens), the network is passt on a virtio-net device, volumes ar
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -196,9 +197,9 @@ class LibkrunEngine(Engine):
         channel_path = spec.socket_dir / "channel.sock"
         if len(str(channel_path)) > SUN_PATH_MAX:
             raise BoxError(f"{channel_path} is too long for a unix socket: use a shorter BOXLITE_HOME")
-        helpers: list[subprocess.Popen] = []
+        helpers: list[subprocess.Popen[bytes]] = []
         listener = _listen(channel_path)
-        proc: subprocess.Popen | None = None
+        proc: subprocess.Popen[bytes] | None = None
         try:
             net_fd = self._start_passt(spec, helpers) if spec.nic else None
             try:
@@ -221,7 +222,7 @@ class LibkrunEngine(Engine):
         return LibkrunVM(proc, helpers, channel, spec, the_plan.disk_serials)
 
     @staticmethod
-    def _start_passt(spec: LaunchSpec, helpers: list[subprocess.Popen]) -> int:
+    def _start_passt(spec: LaunchSpec, helpers: list[subprocess.Popen[bytes]]) -> int:
         """passt on one end of a socketpair; the other end's fd (for the launcher) is returned.
         network="internet": passt runs in the namespace of the policy (vmm/engines/network.py), where its
         ports are forwarded from the host by pasta."""
@@ -249,7 +250,7 @@ class LibkrunEngine(Engine):
         return ours.detach()
 
     @staticmethod
-    def _spawn(spec: LaunchSpec, fds: list[int]) -> tuple[subprocess.Popen, int, int]:
+    def _spawn(spec: LaunchSpec, fds: list[int]) -> tuple[subprocess.Popen[bytes], int, int]:
         """The launcher child, and our ends of its config pipe (write) and status pipe (read)."""
         config_r, config_w = os.pipe()
         status_r, status_w = os.pipe()
@@ -280,7 +281,7 @@ def _listen(path: Path) -> socket.socket:
     return listener
 
 
-def _await_guest(proc: subprocess.Popen, listener: socket.socket, status_r: int, timeout: float,
+def _await_guest(proc: subprocess.Popen[bytes], listener: socket.socket, status_r: int, timeout: float,
                  spec: LaunchSpec) -> socket.socket:
     """The agent's connection, or the launcher's error, or its exit, or a timeout: whichever comes first."""
     status = os.fdopen(status_r, "rb", buffering=0)
@@ -291,7 +292,8 @@ def _await_guest(proc: subprocess.Popen, listener: socket.socket, status_r: int,
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BoxError(f"the guest agent did not connect within {timeout:.0f} s", _console(spec))
-            ready, _, _ = select.select([listener, status], [], [], left)
+            watched: list[socket.socket | io.FileIO] = [listener, status]
+            ready, _, _ = select.select(watched, [], [], left)
             if listener in ready:
                 conn, _ = listener.accept()
                 return conn
@@ -326,8 +328,8 @@ def _console(spec: LaunchSpec, lines: int = 30) -> str:
 class LibkrunVM(ProcessVM):
     """The launcher process (which became the VM) and passt, if the VM has a network."""
 
-    def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
-                 spec: LaunchSpec, disk_serials: dict[str, str]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], helpers: list[subprocess.Popen[bytes]],
+                 channel: socket.socket, spec: LaunchSpec, disk_serials: dict[str, str]) -> None:
         super().__init__(proc, helpers, channel, spec)
         self.disk_serials = disk_serials
 

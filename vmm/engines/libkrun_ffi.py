@@ -97,7 +97,7 @@ class Libkrun:
         if not self.has(name):
             raise EngineUnavailable(f"this libkrun ({self.path}) has no {name}: upgrade libkrun")
         function = getattr(self.lib, name)
-        converted = [_convert(arg, kind) for arg, kind in zip(args, ffi.typeof(function).args)]
+        converted = [_convert(arg, kind) for arg, kind in zip(args, ffi.typeof(function).args, strict=False)]
         result = int(function(*converted))
         if result < 0:
             raise LibkrunError(name, -result)

@@ -33,9 +33,12 @@ class Qmp:
         if not line:
             raise BoxError("qemu's monitor closed (qemu exited)")
         try:
-            return json.loads(line)
+            message = json.loads(line)
         except ValueError:
-            raise BoxError(f"qemu's monitor sent a malformed line: {line[:200]!r}") from None
+            message = None
+        if not isinstance(message, dict):
+            raise BoxError(f"qemu's monitor sent a malformed line: {line[:200]!r}")
+        return message
 
     def execute(self, command: str, **arguments: Any) -> Any:
         """Run `command`; its "return" value, or BoxError with qemu's description of the error."""

@@ -60,7 +60,7 @@ def is_valid_base(path: Path) -> bool:
         blocks |= blocks_hi << 32
     if log_block_size > 6:  # block sizes above 64 KiB do not exist: garbage
         return False
-    return blocks > 0 and size >= blocks * (1024 << log_block_size)
+    return bool(blocks > 0 and size >= blocks * (1024 << log_block_size))
 
 
 def _mkfs() -> str:

@@ -135,7 +135,7 @@ class Unpacker:
         self._created = set()
         try:
             with open_layer(path, name) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+                    tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
                 for member in tar:
                     self._apply_member(tar, member)
         except tarfile.TarError as e:
@@ -268,6 +268,6 @@ def unpack(layers: list[tuple[Path, str]], root: Path,
 
 def iter_names(path: Path) -> Iterator[str]:
     """Member names of a layer (for tests and diagnostics)."""
-    with open_layer(path, str(path)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+    with open_layer(path, str(path)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for m in tar:
             yield m.name

@@ -143,15 +143,16 @@ class LayoutSource:
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         if reference.startswith("sha256:"):
-            return self._blob_bytes(reference, self._sizes.get(reference, -1)), self._media.get(reference, ""), reference
+            size = self._sizes.get(reference, -1)
+            return self._blob_bytes(reference, size), self._media.get(reference, ""), reference
         try:
             index_bytes = self.files.read("index.json")
             index = json.loads(index_bytes)
         except (OSError, ValueError) as e:
             raise ImageError(f"{self.what}: no readable index.json ({e}); is this an OCI image layout?") from None
-        self._sizes = {str(e.get("digest")): int(e.get("size", 0)) for e in index.get("manifests") or []}
-        for e in index.get("manifests") or []:
-            self._media[str(e.get("digest"))] = str(e.get("mediaType", ""))
+        self._sizes = {str(m.get("digest")): int(m.get("size", 0)) for m in index.get("manifests") or []}
+        for m in index.get("manifests") or []:
+            self._media[str(m.get("digest"))] = str(m.get("mediaType", ""))
         entry = _pick(index, self.tag, self.what)
         if entry is None:
             return index_bytes, "application/vnd.oci.image.index.v1+json", "sha256:" + hashlib.sha256(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmm.engines.base import ComposedTree
 from vmm.errors import ImageError
@@ -20,6 +22,12 @@ class ImageConfig:
     user: str = "root"
     cmd: tuple[str, ...] = ()
     entrypoint: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageConfig:
+        """From `dataclasses.asdict()` of one, read back from JSON (its lists are tuples again)."""
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ class RegistrySource:
                 if self.progress:
                     resumed = f" (resuming at {writer.offset} bytes)" if writer.offset else ""
                     self.progress(f"pulling {desc.short} ({desc.size} bytes){resumed}")
-                bytes_cb = (lambda done, total: self.on_bytes(desc.short, done, total)) if self.on_bytes else None
+                on_bytes = self.on_bytes
+                bytes_cb = (lambda done, total: on_bytes(desc.short, done, total)) if on_bytes else None
                 self.client.fetch_blob(self.ref.repository, desc.digest, writer, f"blob {desc.short} of {self.ref}",
                                        bytes_cb)
                 return writer.commit(f"{self.ref}")
@@ -161,8 +162,8 @@ def import_local(ref: LocalRef, home: Path, progress: Progress | None = None) ->
 
 
 def resolved(home: Path, entry: IndexEntry) -> ResolvedImage:
-    config = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.config.items()})
-    return ResolvedImage(ref=entry.ref, digest=entry.image_id, base=base_path(home, entry.image_id), config=config)
+    return ResolvedImage(ref=entry.ref, digest=entry.image_id, base=base_path(home, entry.image_id),
+                         config=ImageConfig.from_dict(entry.config))
 
 
 def resolve_oci(ref: RegistryRef | LocalRef, home: Path, progress: Progress | None = None,

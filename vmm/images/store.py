@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from filelock import FileLock, Timeout
 
@@ -176,7 +176,7 @@ class IndexEntry:
     ref: str  # normalised reference as the user would write it again
     digest: str  # manifest digest (registry, oci:), or the tree fingerprint (default, dir:)
     image_id: str  # digest that names the ext4 base (the config digest for OCI images)
-    config: dict = field(default_factory=dict)  # ImageConfig fields
+    config: dict[str, Any] = field(default_factory=dict)  # ImageConfig fields
     blobs: list[str] = field(default_factory=list)  # blobs this image keeps in the store
     pulled: float = 0.0
     last_used: float = 0.0
