@@ -24,11 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from vmm import cache
 from vmm.errors import BoxliteError
 from vmm.home import Home
 from vmm.log import enable_from_env
+
+if TYPE_CHECKING:
+    from vmm.images.store import IndexEntry
 
 # ---------------------------------------------------------------- output helpers
 
@@ -54,7 +58,7 @@ def ago(ts: float) -> str:
 class LayerProgress:
     """One line per layer, rewritten in place: `<digest>  12.3 MB / 45.6 MB`."""
 
-    def __init__(self, stream=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stream: TextIO = sys.stdout) -> None:
         self.stream = stream
         self.current = ""
         self.last = 0.0
@@ -103,7 +107,7 @@ def cmd_pull(args: argparse.Namespace, home: Home) -> int:
     return 0
 
 
-def _entry_size(home: Home, entry) -> int:  # type: ignore[no-untyped-def]
+def _entry_size(home: Home, entry: IndexEntry) -> int:
     from vmm.images import base_path
     from vmm.images.store import BlobStore, disk_usage
 

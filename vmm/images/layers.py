@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import logging
 import os
 import shutil
@@ -25,7 +26,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 from vmm.errors import ImageError, UnsafeLayer, UnsupportedImage
 
@@ -41,14 +41,14 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @contextmanager
-def open_layer(path: Path, name: str) -> Iterator[IO[bytes]]:
+def open_layer(path: Path, name: str) -> Iterator[io.BufferedIOBase]:
     """The uncompressed tar stream of a layer blob, by its magic bytes (media types lie)."""
     with open(path, "rb") as raw:
         magic = raw.read(4)
         raw.seek(0)
         if magic.startswith(_GZIP_MAGIC):
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                yield stream  # type: ignore[misc]
+                yield stream
         elif magic == _ZSTD_MAGIC:
             try:
                 from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14

@@ -12,7 +12,7 @@ import json
 import logging
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from vmm.errors import DigestMismatch, ImageError, ImageNotFound
 from vmm.images.oci import Descriptor
@@ -30,16 +30,16 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 def _pick(index: dict[str, Any], tag: str | None, what: str) -> dict[str, Any] | None:
     """The index.json entry for `tag`; without a tag the only entry. None: treat index.json itself
     as a multi-platform index (several untagged platform entries)."""
-    entries = index.get("manifests") or []
+    entries: list[dict[str, Any]] = index.get("manifests") or []
     if tag:
         for entry in entries:
             name = (entry.get("annotations") or {}).get(REF_NAME, "")
             if name == tag or name.endswith(f":{tag}"):
-                return entry  # type: ignore[no-any-return]
+                return entry
         tags = sorted({(e.get("annotations") or {}).get(REF_NAME, "") for e in entries} - {""})
         raise ImageNotFound(f"{what}: no image tagged {tag!r} in the layout (tags: {', '.join(tags) or 'none'})")
     if len(entries) == 1:
-        return entries[0]  # type: ignore[no-any-return]
+        return entries[0]
     if entries and all(e.get("platform") for e in entries):
         return None
     tags = sorted({(e.get("annotations") or {}).get(REF_NAME, "") for e in entries} - {""})
@@ -58,7 +58,10 @@ class _Files:
     def blob(self, desc: Descriptor, what: str) -> Path:
         raise NotImplementedError
 
-    kept: tuple[str, ...] = ()
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """The blobs this source put in the store (a layout directory's stay where they are)."""
+        return ()
 
 
 class _DirFiles(_Files):
@@ -101,7 +104,7 @@ class _TarFiles(_Files):
     def has(self, rel: str) -> bool:
         return rel in self.members
 
-    def _open(self, rel: str, what: str):  # type: ignore[no-untyped-def]
+    def _open(self, rel: str, what: str) -> IO[bytes]:
         member = self.members.get(rel)
         stream = self.tar.extractfile(member) if member else None
         if stream is None:
@@ -110,7 +113,7 @@ class _TarFiles(_Files):
 
     def read(self, rel: str) -> bytes:
         with self._open(rel, f"docker-archive:{self.path}") as f:
-            return f.read()  # type: ignore[no-any-return]
+            return f.read()
 
     def import_member(self, rel: str, what: str, digest: str | None = None, size: int | None = None) -> str:
         with self._open(rel, what) as f:
@@ -124,7 +127,7 @@ class _TarFiles(_Files):
         return self.store.path(desc.digest)
 
     @property
-    def kept(self) -> tuple[str, ...]:  # type: ignore[override]
+    def kept(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.kept_list))
 
 

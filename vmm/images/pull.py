@@ -115,7 +115,7 @@ def ensure_base(home: Path, store: BlobStore, image: LoadedImage, source: Source
 
 def force_rmtree(path: Path) -> None:
     """rmtree that also removes read-only directories (images have them: 0555 /proc mount points)."""
-    def onerror(func, failed, _exc):  # type: ignore[no-untyped-def]
+    def onerror(func: Callable[[str], object], failed: str, _exc: object) -> None:
         try:
             os.chmod(os.path.dirname(failed), stat.S_IRWXU)
             func(failed)

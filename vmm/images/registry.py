@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from vmm.errors import DigestMismatch, ImageError, ImageNotFound, RegistryAuthError, RegistryUnreachable, TruncatedBlob
 from vmm.images.reference import DOCKER_HUB, DOCKER_HUB_API
@@ -137,7 +138,8 @@ class _NoRedirectAuth(urllib.request.HTTPRedirectHandler):
     """Follows redirects (blob storage) without ever carrying our Authorization header along;
     urllib already drops headers added with add_unredirected_header, this also refuses https->http."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: http.client.HTTPMessage, newurl: str) -> urllib.request.Request | None:
         if req.full_url.startswith("https:") and newurl.startswith("http:"):
             raise RegistryUnreachable(f"the registry redirected {req.full_url} to plain http ({newurl}); refusing")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -164,7 +166,8 @@ class RegistryClient:
         req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
         if auth:
             req.add_unredirected_header("Authorization", auth)
-        return self._opener.open(req, timeout=self.timeout)  # type: ignore[no-any-return]
+        response: http.client.HTTPResponse = self._opener.open(req, timeout=self.timeout)
+        return response
 
     def ping(self) -> str:
         """Find how to talk to the registry (https, else http where allowed); returns the scheme."""
