@@ -9,7 +9,6 @@ fingerprint and shared by processes through the same file lock as image bases. T
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import stat
@@ -19,8 +18,6 @@ from pathlib import Path
 from . import cache
 from .errors import ConfigError
 from .images.ext4 import Progress, build_ext4_base
-
-log = logging.getLogger(__name__)
 
 
 def _walk(src: Path, exclude: frozenset[str]) -> Iterable[tuple[str, os.stat_result]]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,8 +14,6 @@ from typing import Any, Protocol
 from vmm.errors import ImageError, PlatformNotFound, UnsupportedImage
 from vmm.images.model import DEFAULT_PATH, ImageConfig
 from vmm.images.store import split_digest
-
-log = logging.getLogger(__name__)
 
 #: The runtime boots x86_64 guests (qemu-system-x86_64): that is the only platform it can run.
 PLATFORM_OS = "linux"
