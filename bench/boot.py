@@ -43,7 +43,7 @@ with runtime() as rt:
     samples = {way: ([], [], []) for way in WAYS}
     for _ in range(N):
         for way, options in WAYS.items():
-            for series, value in zip(samples[way], first_exec(rt, options)):
+            for series, value in zip(samples[way], first_exec(rt, options), strict=True):
                 series.append(value)
     for way, (create, start, first) in samples.items():
         print(f"-- {way}")

@@ -36,7 +36,7 @@ with runtime() as rt:
         pids = [box._vm.pid for box in boxes]
         before = [cpu_seconds(pid) for pid in pids]
         time.sleep(IDLE_SECONDS)
-        cpu = [(cpu_seconds(pid) - b) / IDLE_SECONDS * 100 for pid, b in zip(pids, before)]
+        cpu = [(cpu_seconds(pid) - b) / IDLE_SECONDS * 100 for pid, b in zip(pids, before, strict=True)]
         metrics = [box.metrics() for box in boxes]
         for box in boxes:
             box.remove()
@@ -44,5 +44,6 @@ with runtime() as rt:
         pss = [m.host_pss_bytes / 2**20 for m in metrics]
         guest = [m.memory_used_kib / 1024 for m in metrics]
         print(f"idle {way} box (512 MiB guest), n={N}: host RSS median {statistics.median(rss):.0f} MiB, "
-              f"host PSS median {statistics.median(pss):.0f} MiB, guest used median {statistics.median(guest):.0f} MiB, "
+              f"host PSS median {statistics.median(pss):.0f} MiB, "
+              f"guest used median {statistics.median(guest):.0f} MiB, "
               f"host CPU while idle median {statistics.median(cpu):.1f}% of a core")

@@ -67,8 +67,8 @@ def main() -> None:
                     work.mkdir()
                     samples.append(fn(ref, work))
                     shutil.rmtree(work)
-            print(f"boxlite pull+unpack+base:            median {statistics.median(a):.2f} s  {[round(x, 2) for x in a]}")
-            print(f"skopeo copy + umoci unpack + mkfs:   median {statistics.median(b):.2f} s  {[round(x, 2) for x in b]}")
+            for label, series in (("boxlite pull+unpack+base:", a), ("skopeo copy + umoci unpack + mkfs:", b)):
+                print(f"{label:<36} median {statistics.median(series):.2f} s  {[round(x, 2) for x in series]}")
             print(f"ratio (boxlite / tools): {statistics.median(a) / statistics.median(b):.2f} (target <= 1.2)")
         finally:
             registry.stop()

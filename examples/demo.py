@@ -46,7 +46,8 @@ def main() -> None:
                                   "print('kernel', platform.release(), 'hostname', platform.node())")
             show(box.id[:12], result)
             with step("the box's view of its root"):
-                result = box.exec("sh", "-c", "rm -rf /usr/share/* && echo 'deleted /usr/share inside the box'; df -h / | tail -1")
+                result = box.exec("sh", "-c", "rm -rf /usr/share/* && echo 'deleted /usr/share inside the box'; "
+                                  "df -h / | tail -1")
             show(box.id[:12], result)
             with tempfile.TemporaryDirectory() as shared:
                 Path(shared, "from-host.txt").write_text("a file shared read-only from the host\n")
@@ -60,7 +61,7 @@ def main() -> None:
                     show(other.id[:12], result)
                     with step("both boxes at once"):
                         results = [b.exec("cat", "/proc/sys/kernel/hostname") for b in (box, other)]
-                    for b, r in zip((box, other), results):
+                    for b, r in zip((box, other), results, strict=True):
                         show(b.id[:12], r)
             with step("streaming output"):
                 execution = box.spawn("sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 0.2; done")

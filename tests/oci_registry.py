@@ -166,7 +166,7 @@ class Registry:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError("docker-registry did not start: "
-                                       + (workdir / "registry.log").read_text()[-2000:])
+                                       + (workdir / "registry.log").read_text()[-2000:]) from None
                 time.sleep(0.05)
 
     def push(self, layout: Path, repo: str, tag: str = "latest") -> None:

@@ -153,7 +153,8 @@ def test_ctrl_c_during_a_pytest_run_leaves_nothing(tmp_path, child_env):
 
 def test_missing_qemu_names_the_fix(runtime, monkeypatch):
     monkeypatch.setenv("BOXLITE_QEMU", "/nonexistent/qemu-system-x86_64")
-    with pytest.raises(EngineUnavailable, match=r"qemu-system-x86_64 not found: install it with `sudo apt-get install qemu-system-x86`"):
+    with pytest.raises(EngineUnavailable,
+                       match=r"qemu-system-x86_64 not found: install it with `sudo apt-get install qemu-system-x86`"):
         runtime.create(BoxOptions())
 
 

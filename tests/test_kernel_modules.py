@@ -28,7 +28,8 @@ def tree(root: Path, modules: dict[str, list[str]], builtin: list[str]) -> Kerne
     for path in modules:
         (mods / path).parent.mkdir(parents=True, exist_ok=True)
         (mods / path).write_bytes(b"\x7fELF made-up module " + path.encode())
-    (mods / "modules.dep").write_text("".join(f"{p}: {' '.join(d)}\n".replace(": \n", ":\n") for p, d in modules.items()))
+    (mods / "modules.dep").write_text(
+        "".join(f"{p}: {' '.join(d)}\n".replace(": \n", ":\n") for p, d in modules.items()))
     (mods / "modules.builtin").write_text("".join(f"{p}\n" for p in builtin))
     (root / "vmlinuz").write_bytes(b"")
     return Kernel(root / "vmlinuz", mods)

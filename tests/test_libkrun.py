@@ -298,7 +298,8 @@ def _launchers(log: Path) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+            if (entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0")
+                    and _alive(int(entry.name))):
                 found.append(int(entry.name))
         except OSError:
             pass

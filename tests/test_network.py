@@ -113,12 +113,12 @@ class Peer:
         self.ip("link", "set", self.peer_if, "up", ns=True)
         self.ip("link", "set", "lo", "up", ns=True)
         serve = ("import socket, threading\n"
-                 "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.bind(('0.0.0.0', %d))\n"
-                 "def echo():\n while True:\n  d, a = u.recvfrom(64)\n  print(a[0], flush=True)\n  u.sendto(b'peer', a)\n"
+                 f"u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.bind(('0.0.0.0', {PEER_PORT}))\n"
+                 "def echo():\n while True:\n  d, a = u.recvfrom(64)\n  print(a[0], flush=True)\n"
+                 "  u.sendto(b'peer', a)\n"
                  "threading.Thread(target=echo, daemon=True).start()\n"
-                 "s = socket.create_server(('0.0.0.0', %d))\nprint('up', flush=True)\n"
-                 "while True:\n c, a = s.accept()\n print(a[0], flush=True)\n c.sendall(b'peer')\n c.close()"
-                 % (PEER_PORT, PEER_PORT))
+                 f"s = socket.create_server(('0.0.0.0', {PEER_PORT}))\nprint('up', flush=True)\n"
+                 "while True:\n c, a = s.accept()\n print(a[0], flush=True)\n c.sendall(b'peer')\n c.close()")
         self.server = subprocess.Popen(["ip", "netns", "exec", self.ns, "python3", "-c", serve],
                                        stdout=subprocess.PIPE, text=True)
         assert self.server.stdout is not None and self.server.stdout.readline().strip() == "up"

@@ -60,7 +60,8 @@ def test_firmware_decision(tmp_path):
     assert features(firmware=seabios, seabios=True, qboot=qboot).boot_firmware() == (qboot, True)
     # SeaBIOS and nothing else: keep the option ROMs, or it finds "No bootable device".
     assert features(firmware=seabios, seabios=True).boot_firmware() == (None, False)
-    assert features(firmware=seabios, seabios=True).describe() == f"microvm firmware {seabios} (SeaBIOS), option ROMs on"
+    described = features(firmware=seabios, seabios=True).describe()
+    assert described == f"microvm firmware {seabios} (SeaBIOS), option ROMs on"
     # A qemu without x-option-roms: nothing to switch off.
     assert features(machine={"isa-serial", "memory-backend"}, firmware=default).boot_firmware() == (None, False)
 
