@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: setup system-packages venv image demo test bench clean
+.PHONY: setup system-packages venv image demo lint test bench clean
 
 setup: system-packages venv image
 
@@ -13,7 +13,7 @@ system-packages:
 $(PY): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	@touch $(PY)
 
 venv: $(PY)
@@ -30,8 +30,13 @@ demo: setup
 	$(PY) -m pytest --boxlite -v -p no:cacheprovider examples/test_examples.py
 	@test -f examples/test_examples.py && test -d /usr/share && echo "host untouched: examples/ and /usr/share still there"
 
+# Style and types (configured in pyproject.toml), checked before anything boots.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # After the suite, the Debian 13 stage (tools/debian13-stage): a trixie root, the project cloned and run there.
-test: setup
+test: lint setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 	tools/debian13-stage
 

@@ -123,6 +123,7 @@ def test_the_wheel_is_a_platform_wheel_holding_the_static_agent(dists: Dists):
         wheel_info = Parser().parsestr(wheel.read(f"{meta_dir}/WHEEL").decode())
         entry_points = wheel.read(f"{meta_dir}/entry_points.txt").decode()
     assert not [n for n in names if n.startswith(("guest/", "tests/"))]
+    assert {"vmm/py.typed", "pytest_boxlite/py.typed"} <= set(names)  # PEP 561: type checkers read the annotations
     assert (metadata["Name"], metadata["Version"]) == ("pytest-boxlite", vmm.__version__)
     assert wheel_info["Root-Is-Purelib"] == "false"
     assert "boxlite = vmm.cli:main" in entry_points.split("[console_scripts]")[1].split("[")[0]
@@ -132,7 +133,8 @@ def test_the_wheel_is_a_platform_wheel_holding_the_static_agent(dists: Dists):
 def test_the_sdist_holds_the_agent_source_and_no_build_products(dists: Dists):
     with tarfile.open(dists.sdist) as sdist:
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
-    assert {"guest/agent.c", "guest/PROTOCOL.md", "setup.py", "vmm/agent_build.py", "vmm/hostpackages.py"} <= names
+    assert {"guest/agent.c", "guest/PROTOCOL.md", "setup.py", "vmm/agent_build.py", "vmm/hostpackages.py",
+            "vmm/py.typed", "pytest_boxlite/py.typed"} <= names
     assert not [n for n in names if n.startswith(("vmm/bin", "tests/", "build/")) or n.endswith(".pyc")]
 
 
