@@ -10,9 +10,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm import Runtime  # noqa: E402
+from vmm.log import enable_from_env  # noqa: E402
 
 
 def runtime() -> Runtime:
+    enable_from_env()  # BOXLITE_LOG=debug shows what the runtime does during a benchmark
     return Runtime(os.environ.get("BOXLITE_HOME"))
 
 

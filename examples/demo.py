@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm import BoxliteError, BoxOptions, Runtime  # noqa: E402
 from vmm.engines import kvm_status, select  # noqa: E402
+from vmm.log import enable_from_env  # noqa: E402
 
 
 @contextmanager
@@ -31,6 +32,7 @@ def show(where: str, result) -> None:
 
 
 def main() -> None:
+    enable_from_env()  # BOXLITE_LOG=debug: what the runtime does, on stderr
     engine = select("auto")
     print(f"host: {platform.node()} ({platform.system()} {platform.release()}), python {platform.python_version()}")
     print(f"engine: {engine.describe()} -- {kvm_status().reason}")
