@@ -118,37 +118,13 @@ class BoxOptions:
             raise ConfigError(f"snapshots must be true or false, not {self.snapshots!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r}: choose one of {', '.join(ENGINES)}")
-        if not isinstance(self.env, Mapping):
-            raise ConfigError("env must be a mapping of variable names to strings")
-        for key, value in self.env.items():
-            if not isinstance(key, str) or not ENV_NAME.match(key):
-                raise ConfigError(f"env: {key!r} is not a valid variable name")
-            if not isinstance(value, str) or "\0" in value:
-                raise ConfigError(f"env: the value of {key} must be a string without NUL bytes")
+        _check_env(self.env)
         if self.name is not None and (not isinstance(self.name, str) or len(self.name.encode()) > 64
                                       or "\0" in self.name):
             raise ConfigError(f"name={self.name!r}: a box's name is its hostname: a string of at most 64 bytes")
         if self.working_dir is not None and not self.working_dir.startswith("/"):
             raise ConfigError(f"working_dir={self.working_dir!r} must be an absolute path in the box")
-        guests = set()
-        for vol in volumes:
-            if vol.mode not in ("ro", "rw", "cow"):
-                raise ConfigError(f"volume {vol.host}:{vol.guest}: mode must be 'ro', 'rw' or 'cow', not {vol.mode!r}")
-            if Path(vol.host).is_file():
-                if vol.mode == "rw":
-                    raise ConfigError(f"volume {vol.host}:{vol.guest}: an image file is attached read-only: "
-                                      "use mode 'ro' or 'cow'")
-            elif not Path(vol.host).is_dir():
-                raise ConfigError(f"volume {vol.host}:{vol.guest}: {vol.host} is neither a directory nor an ext4 "
-                                  "image file on the host")
-            if not vol.guest.startswith("/") or vol.guest == "/" or ".." in vol.guest.split("/"):
-                raise ConfigError(
-                    f"volume {vol.host}:{vol.guest}: the guest path must be absolute, not /, without '..'"
-                )
-            if vol.guest in guests:
-                raise ConfigError(f"volume guest path {vol.guest} is used twice")
-            guests.add(vol.guest)
-        volumes = tuple(dataclasses.replace(v, host=str(Path(v.host).resolve())) for v in volumes)
+        volumes = _checked_volumes(volumes)
         for port in ports:
             _check_int("ports: host port", port.host, 1, 65535)
             _check_int("ports: guest port", port.guest, 1, 65535)
@@ -181,6 +157,37 @@ class BoxOptions:
         data["ports"] = tuple(Port(**p) if isinstance(p, dict) else p for p in data.get("ports", ()))
         data["host_ports"] = tuple(data.get("host_ports", ()))
         return cls(**data)
+
+
+def _check_env(env: object) -> None:
+    if not isinstance(env, Mapping):
+        raise ConfigError("env must be a mapping of variable names to strings")
+    for key, value in env.items():
+        if not isinstance(key, str) or not ENV_NAME.match(key):
+            raise ConfigError(f"env: {key!r} is not a valid variable name")
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"env: the value of {key} must be a string without NUL bytes")
+
+
+def _checked_volumes(volumes: tuple[Volume, ...]) -> tuple[Volume, ...]:
+    """The volumes with their host paths resolved, or ConfigError naming the bad one."""
+    guests = set()
+    for vol in volumes:
+        if vol.mode not in ("ro", "rw", "cow"):
+            raise ConfigError(f"volume {vol.host}:{vol.guest}: mode must be 'ro', 'rw' or 'cow', not {vol.mode!r}")
+        if Path(vol.host).is_file():
+            if vol.mode == "rw":
+                raise ConfigError(f"volume {vol.host}:{vol.guest}: an image file is attached read-only: "
+                                  "use mode 'ro' or 'cow'")
+        elif not Path(vol.host).is_dir():
+            raise ConfigError(f"volume {vol.host}:{vol.guest}: {vol.host} is neither a directory nor an ext4 "
+                              "image file on the host")
+        if not vol.guest.startswith("/") or vol.guest == "/" or ".." in vol.guest.split("/"):
+            raise ConfigError(f"volume {vol.host}:{vol.guest}: the guest path must be absolute, not /, without '..'")
+        if vol.guest in guests:
+            raise ConfigError(f"volume guest path {vol.guest} is used twice")
+        guests.add(vol.guest)
+    return tuple(dataclasses.replace(v, host=str(Path(v.host).resolve())) for v in volumes)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> None:
