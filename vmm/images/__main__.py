@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vmm.errors import ImageError
+from vmm.errors import ConfigError, ImageError
 from vmm.home import default_home
 from vmm.images import resolve_image
 from vmm.images.default import ensure_default_image
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if not enable_from_env():
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         image = resolve_image("default", home, progress=None if ns.quiet else show)
-    except ImageError as e:
+    except (ConfigError, ImageError) as e:  # a bad $BOXLITE_LOG, or an image that cannot be built
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"rootfs: {ensure_default_image(home).rootfs}")
