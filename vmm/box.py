@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from . import bootfail, engines, kernel
 from .channel import Channel
 from .engines.base import VM, Disk, LaunchSpec, Share
-from .errors import BoxError, ConfigError, ExecError, GuestProtocolError
+from .errors import AgentTimeout, BoxError, ConfigError, ExecError, GuestProtocolError
 from .execution import ExecResult, Execution
 from .images import ResolvedImage
 from .options import BoxOptions, network_mode
@@ -38,7 +38,8 @@ ROOT_SERIAL = "boxlite-root"
 UPPER_SERIAL = "boxlite-upper"
 VOLUME_SERIAL = "boxlite-vol"  # + the volume's index: volumes given as ext4 image files
 HOST_ROOT_TAG = "hostroot"
-BOOT_WATCHDOGS = (10.0, 20.0, 40.0)  # about 2% of boots hang early (DESIGN.md): retry, each time more patient
+# About 2% of boots hang silently early (timer calibration): retry, each time more patient.
+BOOT_WATCHDOGS = (10.0, 20.0, 40.0)
 BOOT_POLL = 0.5  # how often a boot's console is read for a firmware that gave up
 SETUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -144,7 +145,7 @@ class Box:
                 channel = Channel(vm.channel, self._lost_error_factory(vm))
                 try:
                     self._handshake(vm, channel, watchdog)
-                except TimeoutError:
+                except AgentTimeout:
                     log.warning("box %s: no agent after %.0f s (attempt %d), rebooting", self.id, watchdog, attempt)
                     self._teardown(vm, channel)
                     continue
@@ -208,13 +209,13 @@ class Box:
         return path
 
     def _await_hello(self, vm: VM, channel: Channel, watchdog: float) -> T:
-        """The agent's first frame; TimeoutError after `watchdog` s (a hang: worth another boot), BoxError
+        """The agent's first frame; AgentTimeout after `watchdog` s (a hang: worth another boot), BoxError
         saying what the console shows if the VM stopped or its firmware gave up (another boot cannot help)."""
         deadline = time.monotonic() + watchdog
         while True:
             try:
                 return channel.control(max(0.0, min(BOOT_POLL, deadline - time.monotonic())))[0]
-            except TimeoutError:
+            except AgentTimeout:
                 if time.monotonic() >= deadline:
                     raise
                 tail = vm.console_tail()
@@ -255,7 +256,7 @@ class Box:
         channel.send(kind, 0, records(items))
         try:
             answer, payload = channel.control(SETUP_TIMEOUT)
-        except TimeoutError:
+        except AgentTimeout:
             raise BoxError(f"box {self.id}: the agent did not {doing} within {SETUP_TIMEOUT:.0f} s",
                            vm.console_tail()) from None
         if answer == T.ERROR:
