@@ -99,7 +99,7 @@ class Agent:
         try:
             return self.frames.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError("no frame from the agent within %ss" % timeout) from None
+            raise AssertionError(f"no frame from the agent within {timeout}s") from None
 
     def close(self):
         if self.proc.poll() is None:
@@ -159,7 +159,7 @@ class Session:
         if ex is None:
             self.control.append(item)
             return item
-        assert not ex.done, "frame %#x after the last frame of stream %d" % (ftype, stream)
+        assert not ex.done, f"frame {ftype:#x} after the last frame of stream {stream}"
         if ftype == STARTED:
             ex.pid = int(rec(payload)["p"])
         elif ftype in (STDOUT, STDERR):
@@ -290,7 +290,7 @@ def test_binary_safe_output_and_stdin(session):
 
 @pytest.mark.parametrize("code", [0, 1, 255])
 def test_exit_codes(session, code):
-    ex = session.run(["sh", "-c", "exit %d" % code])
+    ex = session.run(["sh", "-c", f"exit {code}"])
     assert ex.exit == {"x": str(code).encode()}
 
 
@@ -403,7 +403,7 @@ def test_user_switch(session):
 
 
 def test_concurrent_execs(session):
-    execs = [session.start(["sh", "-c", "sleep 0.3; echo out%d; echo err%d >&2; exit %d" % (i, i, i)])
+    execs = [session.start(["sh", "-c", f"sleep 0.3; echo out{i}; echo err{i} >&2; exit {i}"])
              for i in range(8)]
     session.wait(*execs)
     for i, ex in enumerate(execs):

@@ -58,7 +58,8 @@ def test_volumes_rw_ro_and_cow(runtime, tmp_path):
     options = BoxOptions(volumes=(Volume(str(rw), "/mnt/rw", "rw"), f"{ro}:/mnt/ro:ro", (str(cow), "/srv/cow", "cow")))
     with runtime.create(options) as box:
         # cow: the box reads the host files and writes over them, deletes them, adds new ones ...
-        script = "cat /srv/cow/project.txt; echo changed > /srv/cow/project.txt; touch /srv/cow/new; cat /srv/cow/project.txt"
+        script = ("cat /srv/cow/project.txt; echo changed > /srv/cow/project.txt; touch /srv/cow/new; "
+                  "cat /srv/cow/project.txt")
         assert box.exec("sh", "-c", script).stdout == b"original\nchanged\n"
         assert box.exec("rm", "/srv/cow/project.txt").exit_code == 0
         assert box.exec("cat", "/mnt/ro/given.txt").stdout == b"from host\n"

@@ -96,7 +96,7 @@ def test_eviction_goes_by_last_use_and_skips_what_a_live_process_uses(tmp_path):
     home = Home(tmp_path / "home").root
     images = [volume(home, tmp_path, name, 2) for name in ("a", "b", "c", "d")]
     holder = Holder(images[0])  # another process uses a, the least recently used
-    for age, image in zip((400, 300, 200, 100), images):
+    for age, image in zip((400, 300, 200, 100), images, strict=True):
         t = time.time() - age
         os.utime(cache.use_lock(image), (t, t))
     try:

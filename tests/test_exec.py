@@ -73,7 +73,8 @@ def test_kill(shared_box):
 
 
 def test_kill_with_a_chosen_signal_reaches_the_process(shared_box):
-    execution = shared_box.spawn("sh", "-c", "trap 'echo got-usr1; exit 7' USR1; echo ready; while :; do sleep 0.1; done")
+    execution = shared_box.spawn("sh", "-c",
+                                 "trap 'echo got-usr1; exit 7' USR1; echo ready; while :; do sleep 0.1; done")
     assert next(iter(execution.stdout)) == b"ready\n"
     execution.kill(signal.SIGUSR1)
     assert execution.wait(timeout=30) == 7

@@ -317,14 +317,15 @@ class Holds:
         with self._lock:
             return str(path) in self._fds
 
-    def held(self, get: Callable[[], _T], entry: Callable[[_T], Path | None], what: str = "") -> _T:
-        """`get()` (which finds or builds a cache entry), with the entry at `entry(result)` held. One evicted
-        between `get()` and the hold is got again, now held."""
+    def held(self, get: Callable[[], _T], entry: Callable[[_T], Path | None],
+             what: Callable[[_T], str] | None = None) -> _T:
+        """`get()` (which finds or builds a cache entry), with the entry at `entry(result)` held (`what(result)`:
+        what it is for, as in hold()). One evicted between `get()` and the hold is got again, now held."""
         value = get()
         path = entry(value)
         if path is None or self.holds(path):
             return value
-        self.hold(path, what)
+        self.hold(path, what(value) if what else "")
         return value if path.exists() else get()
 
     def drop(self, path: Path) -> None:
