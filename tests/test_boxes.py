@@ -122,8 +122,8 @@ def test_guest_panic_is_an_error_with_the_console_tail(runtime):
 
 
 def test_a_boot_that_hangs_is_retried(runtime, monkeypatch, caplog, launched):
-    # A watchdog shorter than any boot stands in for the rare early hang (DESIGN.md, "Boot tuning"): the first
-    # VM is killed and a second one boots.
+    # A watchdog shorter than any boot stands in for the rare early hang (about 2% of boots, in timer
+    # calibration): the first VM is killed and a second one boots.
     monkeypatch.setattr(vmm.box, "BOOT_WATCHDOGS", (0.05, 600.0))
     with caplog.at_level(logging.WARNING, logger="vmm.box"):
         with runtime.create(BoxOptions(engine="qemu", snapshots=False)) as box:
@@ -153,7 +153,7 @@ def test_a_box_that_never_boots_is_an_error(runtime, monkeypatch, launched):
 
 
 def test_a_firmware_with_no_kernel_to_boot_explains_itself(runtime, monkeypatch, launched):
-    # qemu 10's failure on Debian 13 (DESIGN.md, "Machines"): SeaBIOS with option ROMs off loads no kernel.
+    # qemu 10's failure on Debian 13: SeaBIOS with option ROMs off loads no kernel.
     # Made here with the host's real SeaBIOS build for microvm, given to qemu where qboot would be.
     seabios = Path("/usr/share/seabios/bios-microvm.bin")
     if not seabios.is_file():

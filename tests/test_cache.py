@@ -81,6 +81,10 @@ def test_sizes_and_where_the_cap_comes_from(tmp_path, monkeypatch):
     assert default.bytes <= cache.DEFAULT_MAX and default.source.startswith("default")
     (home / cache.CONFIG_NAME).write_text("cache_max: 200M\n")
     assert cache.cache_max(home) == cache.Cap(200 << 20, str(home / cache.CONFIG_NAME))
+    (home / cache.CONFIG_NAME).write_text("cache_max: 200M\ncachemax: 1G\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'cachemax' \(known: cache_max\)"):
+        Runtime(home)
+    (home / cache.CONFIG_NAME).write_text("cache_max: 200M\n")
     monkeypatch.setenv(cache.ENV, "1G")  # the environment wins over the file
     assert cache.cache_max(home).bytes == 1 << 30
     monkeypatch.setenv(cache.ENV, "lots")
@@ -97,6 +101,7 @@ def test_eviction_goes_by_last_use_and_skips_what_a_live_process_uses(tmp_path):
         os.utime(cache.use_lock(image), (t, t))
     try:
         size = cache.home_size(home)
+        assert cache.survey(home) == (size, cache.entries(home))  # one walk, the same figures
         result = cache.evict(home, size - (3 << 20))  # about two volumes too many
         assert [e.path for e in result.removed] == images[1:3]  # b and c, not a: in use
         assert [e.path for e in result.busy] == [images[0]]
@@ -107,6 +112,27 @@ def test_eviction_goes_by_last_use_and_skips_what_a_live_process_uses(tmp_path):
         holder.close()
     assert cache.evict(home, 0).removed[0].path == images[0]  # its user is gone
     assert not list((home / "images" / "volumes").iterdir())  # no lock files left either
+
+
+def test_an_entry_evicted_before_it_is_held_is_got_again(tmp_path):
+    home = Home(tmp_path / "home").root
+    entry, calls = home / "kernels" / "k", []
+
+    def get() -> Path:  # the first time, an eviction removes the entry before the caller holds it
+        calls.append(entry)
+        if len(calls) > 1:
+            entry.mkdir(exist_ok=True)
+        return entry
+
+    holds = cache.Holds(home)
+    try:
+        assert holds.held(get, lambda path: path) == entry and entry.is_dir() and len(calls) == 2
+        assert holds.holds(entry) and cache.use_lock(entry).exists()
+        assert holds.held(get, lambda path: path) == entry and len(calls) == 3  # held already: got once
+        outside = tmp_path / "elsewhere"
+        assert holds.held(lambda: outside, lambda path: path) == outside and not holds.holds(outside)
+    finally:
+        holds.release()
 
 
 def test_a_kept_boxs_base_is_not_evicted(tmp_path):

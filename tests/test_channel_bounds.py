@@ -131,3 +131,35 @@ def test_tiny_output_frames_are_held_as_their_bytes(peer):
     # The bytes, and the decoder's buffer of one read; an object per frame would be ~40 bytes a frame more.
     assert held < 2 * frames * 2 + (512 << 10), f"{2 * frames} bytes of output held in {held} bytes of memory"
     assert execution.stdout.read() == b"y\n" * frames
+
+
+def test_late_frames_for_closed_streams_do_not_add_up_over_a_long_life(peer):
+    """A long-lived box gets a few late frames for each request it gave up on: that never ends it."""
+    from vmm.channel import LATE_FRAMES
+
+    peer.handshake()
+    for stream in range(1, 2 * STRAY_FRAMES + 2):
+        assert peer.channel.open_stream(object()) == stream  # type: ignore[arg-type]
+        peer.channel.close_stream(stream)
+        peer.send(T.PONG, stream, b"late")
+    execution = Execution(peer.channel, ("x",), records([("a", "x")]))
+    stream = 2 * STRAY_FRAMES + 2
+    peer.send(T.STARTED, stream, records([("p", 7)]))
+    deadline = time.monotonic() + 5
+    while execution.pid is None:
+        assert time.monotonic() < deadline and not peer.lost
+        time.sleep(0.01)
+    # A stream's late frames are bounded too: a guest cannot flood one it knows was closed.
+    closed = peer.channel.open_stream(object())  # type: ignore[arg-type]
+    peer.channel.close_stream(closed)
+    for _ in range(LATE_FRAMES + 1):
+        peer.send(T.STDOUT, closed, b"x")
+    reason, protocol = peer.wait_lost()
+    assert protocol and f"more than {LATE_FRAMES} frames for stream {closed} after it was closed" in reason
+
+
+def test_control_timeout_is_a_box_error(peer):
+    from vmm.errors import AgentTimeout
+
+    with pytest.raises(AgentTimeout, match="sent nothing on the control stream"):
+        peer.channel.control(0.05)

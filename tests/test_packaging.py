@@ -202,8 +202,9 @@ def test_a_changed_agent_changes_the_boot_files_and_snapshot_keys(runtime, tmp_p
     keys, boot = [], []
     for path in (built, changed, reinstalled):
         monkeypatch.setenv("BOXLITE_AGENT", str(path))
-        boot.append(kernel.boot_files(runtime.home.kernels, runtime.kernel, path).initramfs)
-        keys.append(snapshot.template_key(runtime, BoxOptions(), image, engine, snapshot.BOOT_KEY))
+        files = kernel.boot_files(runtime.home.kernels, runtime.kernel, path)
+        boot.append(files.initramfs)
+        keys.append(snapshot.template_key(BoxOptions(), image, engine, files, agent.digest(path), snapshot.BOOT_KEY))
     assert boot[0] != boot[1] and keys[0] != keys[1]
     assert boot[2] == boot[0] and keys[2] == keys[0]  # keyed by content: a reinstall keeps boot files and snapshots
     assert changed.read_bytes() in boot[1].read_bytes()  # the new initramfs holds the new agent as /init

@@ -1,10 +1,13 @@
-"""A box: one microVM, its agent channel, and the commands run in it."""
+"""A box: one microVM, its agent channel, and the commands run in it.
+
+A box starts as its LaunchPlan says, which the Runtime works out: restore a copy of a snapshot template's VM,
+or boot (with its RAM in a file, for a VM that becomes a template). The box does not know the Runtime: what
+it reports (starts, commands, its removal) goes to the callables of its BoxHooks.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import logging
 import os
 import posixpath
@@ -14,23 +17,24 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import bootfail, engines, kernel
+from . import bootfail, boxstate
 from .channel import Channel
-from .engines.base import VM, Disk, LaunchSpec, Share
-from .errors import BoxError, ConfigError, ExecError, GuestProtocolError
+from .engines.base import VM, Disk, Engine, LaunchSpec, Share
+from .errors import AgentTimeout, BoxError, ConfigError, ExecError, GuestProtocolError
 from .execution import ExecResult, Execution
 from .images import ResolvedImage
+from .kernel import BootFiles
 from .options import BoxOptions, network_mode
 from .protocol import T, parse_records, record_int, records
+from .snapshot import Template
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .snapshot import Template
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,8 @@ ROOT_SERIAL = "boxlite-root"
 UPPER_SERIAL = "boxlite-upper"
 VOLUME_SERIAL = "boxlite-vol"  # + the volume's index: volumes given as ext4 image files
 HOST_ROOT_TAG = "hostroot"
-BOOT_WATCHDOGS = (10.0, 20.0, 40.0)  # about 2% of boots hang early (DESIGN.md): retry, each time more patient
+# About 2% of boots hang silently early (timer calibration): retry, each time more patient.
+BOOT_WATCHDOGS = (10.0, 20.0, 40.0)
 BOOT_POLL = 0.5  # how often a boot's console is read for a firmware that gave up
 SETUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -68,26 +73,54 @@ class BoxMetrics:
     host_pss_bytes: int  # the same, with pages shared between VMs (kernel image, code) split among them
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How a box's VM starts, worked out by the Runtime at each start: boot `boot` on `engine`, or restore a
+    copy of `template`'s VM."""
+
+    engine: Engine
+    boot: BootFiles
+    agent: str  # the digest of the agent in boot's initramfs (snapshot keys name it)
+    template: Template | None = None  # restore this template's VM instead of booting
+    ram_file: Path | None = None  # booting: keep the guest's RAM in this file (a VM to be saved as a template)
+
+
+@dataclass(frozen=True)
+class BoxHooks:
+    """What a box asks of, and reports to, whoever made it (a Runtime)."""
+
+    plan: Callable[[Box], LaunchPlan]  # how the box starts now
+    # Restoring the plan's template failed with this error: the plan to boot instead, or raise.
+    restore_failed: Callable[[Box, LaunchPlan, BoxError], LaunchPlan]
+    started: Callable[[float, bool], None]  # the box is running: seconds its start took, whether restored
+    exec_called: Callable[[], None]
+    removed: Callable[[Box], None]  # its files are gone
+
+
 class Box:
     """A microVM. Create it with `Runtime.create()`; `with box:` starts it and stops it at the end."""
 
-    def __init__(self, runtime: Runtime, box_id: str, options: BoxOptions, image: ResolvedImage,
-                 created: float, status: str = "created") -> None:
+    def __init__(self, box_id: str, options: BoxOptions, image: ResolvedImage, created: float, directory: Path,
+                 hooks: BoxHooks, status: str = "created", engine_name: str | None = None,
+                 saved: bool = False) -> None:
+        """`saved`: its state is on disk already (a box found again); else it is written now."""
         self.id = box_id
         self.options = options
         self.image = image
         self.created = created
         self.status = status
-        self.engine_name: str | None = None
+        self.engine_name = engine_name
         self.exec_count = 0
-        self._runtime = runtime
-        self._dir = runtime.home.box_dir(box_id)
+        self._dir = directory
+        self._hooks = hooks
         self._vm: VM | None = None
         self._channel: Channel | None = None
         self._lock = threading.RLock()
-        self._ram_file: Path | None = None  # booting a snapshot template: its RAM goes to this file
+        self._plan: LaunchPlan | None = None  # what the running VM was started from
         self._template: Template | None = None  # restored from this template instead of booted
         self.warm_execution: Execution | None = None  # the template's running command, taken over
+        if not saved:
+            self._save()
 
     # -- state on disk --------------------------------------------------------------------------------
     @property
@@ -98,25 +131,19 @@ class Box:
     def persistent(self) -> bool:
         return self.options.disk_size_gb is not None
 
+    @property
+    def ephemeral(self) -> bool:
+        """True if the box's files go when it stops (auto_remove, and no persistent disk to keep)."""
+        return self.options.auto_remove and not self.persistent
+
     def _save(self) -> None:
-        state = {
-            "id": self.id,
-            "options": self.options.to_dict(),
-            "image": dataclasses.asdict(self.image),
-            "created": self.created,
-            "status": self.status,
-            "engine": self.engine_name,
-            # Whose box it is while it may be in use; a dead owner's ephemeral boxes are swept.
-            "owner": os.getpid() if self.status in ("created", "running") else None,
-        }
-        self._dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._dir / "box.json.tmp"
-        tmp.write_text(json.dumps(state, default=str, indent=1))
-        os.replace(tmp, self._dir / "box.json")
+        boxstate.save(self._dir, boxstate.BoxState(self.id, self.options, self.image, self.created, self.status,
+                                                   self.engine_name))
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Box:
-        """Boot the VM and wait until its agent is ready. Idempotent."""
+        """Start the VM (restored from a snapshot, or booted, as the runtime decides) and wait until its agent
+        is ready. Idempotent."""
         with self._lock:
             if self.status == "running":
                 return self
@@ -125,49 +152,63 @@ class Box:
             if self._vm is not None:  # restarting after a crash: release what the dead VM left
                 self._teardown(self._vm, self._channel)
                 self._vm = self._channel = None
-            engine = engines.select(self.options.engine, self._runtime.kernel.release)
-            boot = self._runtime._boot_files()
+            plan = self._hooks.plan(self)
             started = time.monotonic()
-            if self._template is not None:  # a clone (Runtime.restore): its template's failure is the caller's
-                return self._restore(engine, self._launch_spec(boot, self._template), self._template, started)
-            template = self._runtime._boot_template(self, engine) if self._ram_file is None else None
-            if template is not None:
+            if plan.template is not None:
                 try:
-                    return self._restore(engine, self._launch_spec(boot, template), template, started)
+                    self._restore(plan, plan.template)
                 except BoxError as exc:
-                    log.warning("box %s: restoring its boot snapshot failed (%s); discarding it and booting "
-                                "(and so will the other boxes of these options in this runtime)", self.id, exc)
-                    self._runtime._boot_template_failed(template)
-            spec = self._launch_spec(boot, None)
-            for attempt, watchdog in enumerate(BOOT_WATCHDOGS, 1):
-                vm = engine.launch(spec)
-                channel = Channel(vm.channel, self._lost_error_factory(vm))
-                try:
-                    self._handshake(vm, channel, watchdog)
-                except TimeoutError:
-                    log.warning("box %s: no agent after %.0f s (attempt %d), rebooting", self.id, watchdog, attempt)
-                    self._teardown(vm, channel)
-                    continue
-                except BaseException:
-                    self._teardown(vm, channel)
-                    raise
-                break
-            else:
-                tail = vm.console_tail()
-                raise BoxError(f"box {self.id} did not boot after {len(BOOT_WATCHDOGS)} attempts: "
-                               f"{bootfail.explain(tail, stopped=False)}", tail)
-            self._vm, self._channel = vm, channel
-            self.engine_name = engine.name
+                    plan = self._hooks.restore_failed(self, plan, exc)
+            if plan.template is None:
+                self._boot(plan)
+            self._plan = plan
+            self.engine_name = plan.engine.name
             self.status = "running"
             self._save()
-            self._runtime._started(self, time.monotonic() - started)
-            log.info("box %s running on %s (%.2f s)", self.id, engine.name, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self._hooks.started(seconds, plan.template is not None)
+            how = f"restored from template {plan.template.key[:12]}" if plan.template else "booted"
+            log.info("box %s %s on %s (%.3f s)", self.id, how, plan.engine.name, seconds)
             return self
 
-    def _launch_spec(self, boot: kernel.BootFiles, template: Template | None) -> LaunchSpec:
+    def _boot(self, plan: LaunchPlan) -> None:
+        spec = self._launch_spec(plan)
+        for attempt, watchdog in enumerate(BOOT_WATCHDOGS, 1):
+            vm = plan.engine.launch(spec)
+            channel = Channel(vm.channel, self._lost_error_factory(vm))
+            try:
+                self._handshake(vm, channel, watchdog)
+            except AgentTimeout:
+                log.warning("box %s: no agent after %.0f s (attempt %d), rebooting", self.id, watchdog, attempt)
+                self._teardown(vm, channel)
+                continue
+            except BaseException:
+                self._teardown(vm, channel)
+                raise
+            self._vm, self._channel, self._template = vm, channel, None
+            return
+        tail = vm.console_tail()
+        raise BoxError(f"box {self.id} did not boot after {len(BOOT_WATCHDOGS)} attempts: "
+                       f"{bootfail.explain(tail, stopped=False)}", tail)
+
+    def _restore(self, plan: LaunchPlan, template: Template) -> None:
+        """Start a copy of the template's VM: its RAM copy-on-write, its own channel, console and identity."""
+        vm = plan.engine.launch(self._launch_spec(plan))
+        channel = Channel(vm.channel, self._lost_error_factory(vm), first_stream=template.next_stream)
+        try:
+            self._request(vm, channel, T.RESUME, self._identity(), "resume from its snapshot")
+            if template.warm is not None:
+                self.warm_execution = Execution(channel, template.warm.args, None, state=template.warm)
+        except BaseException:
+            self._teardown(vm, channel)
+            raise
+        self._vm, self._channel, self._template = vm, channel, template
+
+    def _launch_spec(self, plan: LaunchPlan) -> LaunchSpec:
         disks = []
         shares = []
         if self.image.tree is None:
+            assert self.image.base is not None  # an image is a base or a tree
             disks.append(Disk(self.image.base, ROOT_SERIAL, readonly=True))
         for i, vol in enumerate(self.options.volumes):
             if Path(vol.host).is_file():  # an ext4 image: a read-only disk
@@ -180,11 +221,12 @@ class Box:
             shares.append(Share(HOST_ROOT_TAG, view, readonly=True, tree=self.image.tree))
         if self.persistent:
             disks.append(Disk(self._upper_disk(), UPPER_SERIAL, readonly=False, format="qcow2"))
+        template = plan.template
         return LaunchSpec(
-            box_dir=self._dir, vmlinux=boot.vmlinux, initramfs=boot.initramfs, cpus=self.options.cpus,
+            box_dir=self._dir, vmlinux=plan.boot.vmlinux, initramfs=plan.boot.initramfs, cpus=self.options.cpus,
             memory_mib=self.options.memory_mib, disks=tuple(disks), shares=tuple(shares),
             network=network_mode(self.options.network), ports=self.options.ports, host_ports=self.options.host_ports,
-            ram_file=template.ram if template else self._ram_file,
+            ram_file=template.ram if template else plan.ram_file,
             restore_state=template.state if template else None,
         )
 
@@ -200,7 +242,8 @@ class Box:
             try:
                 done = subprocess.run(argv, capture_output=True, text=True)
             except FileNotFoundError:
-                raise BoxError(f"{argv[0]} is missing: install e2fsprogs and qemu-utils (`sudo boxlite setup`)") from None
+                raise BoxError(f"{argv[0]} is missing: install e2fsprogs and qemu-utils "
+                               "(`sudo boxlite setup`)") from None
             if done.returncode:
                 raise BoxError(f"creating the box disk failed: {' '.join(argv)}: {done.stderr.strip()}")
         os.replace(str(path) + ".tmp", path)
@@ -208,13 +251,13 @@ class Box:
         return path
 
     def _await_hello(self, vm: VM, channel: Channel, watchdog: float) -> T:
-        """The agent's first frame; TimeoutError after `watchdog` s (a hang: worth another boot), BoxError
+        """The agent's first frame; AgentTimeout after `watchdog` s (a hang: worth another boot), BoxError
         saying what the console shows if the VM stopped or its firmware gave up (another boot cannot help)."""
         deadline = time.monotonic() + watchdog
         while True:
             try:
                 return channel.control(max(0.0, min(BOOT_POLL, deadline - time.monotonic())))[0]
-            except TimeoutError:
+            except AgentTimeout:
                 if time.monotonic() >= deadline:
                     raise
                 tail = vm.console_tail()
@@ -255,7 +298,7 @@ class Box:
         channel.send(kind, 0, records(items))
         try:
             answer, payload = channel.control(SETUP_TIMEOUT)
-        except TimeoutError:
+        except AgentTimeout:
             raise BoxError(f"box {self.id}: the agent did not {doing} within {SETUP_TIMEOUT:.0f} s",
                            vm.console_tail()) from None
         if answer == T.ERROR:
@@ -264,31 +307,14 @@ class Box:
         if answer != T.READY:
             raise GuestProtocolError(f"box {self.id}: the agent answered {kind.name} with {answer.name}")
 
-    def _restore(self, engine: engines.Engine, spec: LaunchSpec, template: Template, started: float) -> Box:
-        """Start a copy of the template's VM: its RAM copy-on-write, its own channel, console and identity."""
-        vm = engine.launch(spec)
-        channel = Channel(vm.channel, self._lost_error_factory(vm), first_stream=template.next_stream)
-        try:
-            self._request(vm, channel, T.RESUME, self._identity(), "resume from its snapshot")
-            if template.warm is not None:
-                self.warm_execution = Execution(channel, template.warm.args, None, state=template.warm)
-        except BaseException:
-            self._teardown(vm, channel)
-            raise
-        self._vm, self._channel = vm, channel
-        self.engine_name = engine.name
-        self.status = "running"
-        self._save()
-        self._runtime._started(self, time.monotonic() - started, restored=True)
-        log.info("box %s restored from template %s (%.3f s)", self.id, template.key[:12], time.monotonic() - started)
-        return self
-
-    def _snapshot(self, state: Path) -> int:
-        """Save the running VM into a template (RAM in `_ram_file`, devices in `state`), then discard it.
-        Returns the next free stream id. The caller has left no command with output in flight."""
+    def snapshot(self, state: Path) -> int:
+        """Save the running VM, booted with a LaunchPlan's `ram_file` (its RAM is in that file), with its
+        devices in `state`; then discard the box. Returns the next free stream id. The caller has left no
+        command with output in flight. (Runtime.template() builds templates with it.)"""
         with self._lock:
             vm, channel = self._vm, self._running_channel()
-            assert vm is not None and self._ram_file is not None
+            if vm is None or self._plan is None or self._plan.ram_file is None:
+                raise BoxError(f"box {self.id} was not booted to be saved: Runtime.template() makes such boxes")
             channel.request(T.PING, T.PONG)  # every frame sent before it has reached the agent
             next_stream = channel.next_stream()
             vm.save(state)
@@ -298,7 +324,7 @@ class Box:
             self._remove_files()
             return next_stream
 
-    def _lost_error_factory(self, vm: VM):
+    def _lost_error_factory(self, vm: VM) -> Callable[[str, bool], BaseException]:
         def lost(reason: str, protocol: bool) -> BaseException:
             if protocol:
                 vm.kill_async()  # a guest that breaks the protocol is not talked to again
@@ -342,7 +368,7 @@ class Box:
                 self._teardown(vm, channel)
             if self.status == "stopping":
                 self.status = "stopped"
-            if self._auto_remove:
+            if self.ephemeral:
                 self._remove_files()
             else:
                 self._save()
@@ -350,10 +376,6 @@ class Box:
     @property
     def _writes_back(self) -> bool:
         return self.persistent or any(v.mode == "rw" for v in self.options.volumes)
-
-    @property
-    def _auto_remove(self) -> bool:
-        return self.options.auto_remove and not self.persistent
 
     def remove(self) -> None:
         """Stop the box and delete everything it has on disk (its persistent disk too)."""
@@ -364,7 +386,7 @@ class Box:
         if self.status != "removed":
             shutil.rmtree(self._dir, ignore_errors=True)
             self.status = "removed"
-            self._runtime._removed(self)
+            self._hooks.removed(self)
 
     def __enter__(self) -> Box:
         return self.start()
@@ -406,7 +428,7 @@ class Box:
         channel = self._running_channel()
         execution = Execution(channel, argv, records(items))
         self.exec_count += 1
-        self._runtime._exec_called()
+        self._hooks.exec_called()
         return execution
 
     def exec(self, cmd: str | Iterable[str], *args: str, env: Mapping[str, str] | None = None,
@@ -428,7 +450,10 @@ class Box:
     def metrics(self) -> BoxMetrics:
         channel = self._running_channel()
         recs = parse_records(channel.request(T.STAT, T.STAT))
-        number = lambda key: record_int(recs, key) or 0  # noqa: E731
+
+        def number(key: str) -> int:
+            return record_int(recs, key) or 0
+
         total = number("m")
         return BoxMetrics(
             memory_total_kib=total, memory_used_kib=max(0, total - number("f")),
@@ -525,7 +550,7 @@ class _StdinWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data: ReadableBuffer, /) -> int:
         return self._execution.stdin.write(bytes(data))
 
 
@@ -540,14 +565,15 @@ class _ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
         if not self._buf:
             self._buf = next(self._chunks, b"")
             self._left -= len(self._buf)
             if self._left < 0:
                 raise ValueError("the archive is larger than max_bytes")
-        n = min(len(buffer), len(self._buf))
-        buffer[:n] = self._buf[:n]
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), len(self._buf))
+        view[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
 

@@ -30,9 +30,10 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ENV = "BOXLITE_CACHE_MAX"
 CONFIG_NAME = "config.yaml"  # in the runtime home: `cache_max: 10G`
+CONFIG_KEYS = ("cache_max",)  # what the home's config.yaml may set
 DEFAULT_MAX = 10 << 30
 # On a small file system the default is this share of what the home may take (its size plus the free space).
 DEFAULT_SHARE = 0.5
@@ -52,6 +54,7 @@ ORPHAN_AGE_S = 3600.0
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_T = TypeVar("_T")
 
 
 def parse_size(text: str | int, what: str = "a size") -> int:
@@ -106,6 +109,10 @@ def configured_max(home: Path) -> Cap | None:
             raise ConfigError(f"{config} is not readable YAML ({exc}): fix or remove it") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{config} must be a mapping, e.g. `cache_max: 10G`")
+        unknown = sorted(str(key) for key in data if key not in CONFIG_KEYS)
+        if unknown:
+            raise ConfigError(f"{config}: unknown key {unknown[0]!r} (known: {', '.join(CONFIG_KEYS)}): fix or "
+                              "remove it")
         if data.get("cache_max") is not None:
             return Cap(parse_size(data["cache_max"], f"cache_max in {config}"), str(config))
     return None
@@ -119,7 +126,10 @@ def disk_size(path: Path) -> int:
     return sum(size for _, size in _files(path, set()))
 
 
-def _files(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, int]]:
+def _files(path: Path, seen: set[tuple[int, int]], skip: frozenset[str] = frozenset()) -> Iterator[tuple[Path, int]]:
+    """(path, bytes on disk) of `path` and everything below it, except the real paths in `skip`."""
+    if skip and str(path) in skip:
+        return
     try:
         st = path.lstat()
     except OSError:
@@ -131,17 +141,25 @@ def _files(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, int]]
             return
         yield path, st.st_blocks * 512
         for child in children:
-            yield from _files(Path(child.path), seen)
+            yield from _files(Path(child.path), seen, skip)
     elif (st.st_dev, st.st_ino) not in seen:  # hard links count once
         if st.st_nlink > 1:
             seen.add((st.st_dev, st.st_ino))
         yield path, st.st_blocks * 512
 
 
-def home_size(home: Path) -> int:
-    """The home's bytes on disk, its parts included when they are links to elsewhere (tests share images)."""
+def home_size(home: Path, skip: frozenset[str] = frozenset()) -> int:
+    """The home's bytes on disk, its parts included when they are links to elsewhere (tests share images);
+    `skip`: real paths left out (measured already)."""
     seen: set[tuple[int, int]] = set()
-    return sum(size for child in _children(Path(home)) for _, size in _files(child.resolve(), seen))
+    return sum(size for child in _children(Path(home)) for _, size in _files(child.resolve(), seen, skip))
+
+
+def survey(home: Path) -> tuple[int, list[Entry]]:
+    """The home's bytes on disk and its cache entries (as `entries()`), in one walk of it."""
+    found = entries(home)
+    rest = home_size(home, skip=frozenset(os.path.realpath(entry.path) for entry in found))
+    return rest + sum(entry.size for entry in found), found
 
 
 # ---------------------------------------------------------------- entries
@@ -272,13 +290,17 @@ def touch(path: Path, what: str = "") -> None:
 class Holds:
     """The entries one user (a Runtime) is using: each with its use lock held shared, until `release()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        """`root`: the home whose entries are held (paths elsewhere are not cache entries); None: any path."""
+        self._root = root
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def hold(self, path: Path, what: str = "") -> None:
         """Mark `path` (an entry, or where one is about to be built) as used now and in use until release.
         `what` (what it is for) is written into a new lock file, for `boxlite cache ls`."""
+        if self._root is not None and not path.is_relative_to(self._root):
+            return
         key = str(path)
         with self._lock:
             if key in self._fds:
@@ -294,6 +316,17 @@ class Holds:
     def holds(self, path: Path) -> bool:
         with self._lock:
             return str(path) in self._fds
+
+    def held(self, get: Callable[[], _T], entry: Callable[[_T], Path | None],
+             what: Callable[[_T], str] | None = None) -> _T:
+        """`get()` (which finds or builds a cache entry), with the entry at `entry(result)` held (`what(result)`:
+        what it is for, as in hold()). One evicted between `get()` and the hold is got again, now held."""
+        value = get()
+        path = entry(value)
+        if path is None or self.holds(path):
+            return value
+        self.hold(path, what(value) if what else "")
+        return value if path.exists() else get()
 
     def drop(self, path: Path) -> None:
         """Stop holding `path`, and remove its use lock if the entry is not there (its build failed or
@@ -362,18 +395,19 @@ def remove_entry(entry: Entry) -> bool:
 
 
 def evict(home: Path, max_bytes: int | None, need: int = 0, older_than_s: float | None = None,
-          everything: bool = False, size: int | None = None) -> Evicted:
+          everything: bool = False, surveyed: tuple[int, list[Entry]] | None = None) -> Evicted:
     """Remove the least recently used entries not in use until the home plus `need` bytes fits in
     `max_bytes` (None: no size limit), and those unused for `older_than_s` seconds; with `everything`, all
-    entries not in use. `size`: the home's, if the caller has just measured it."""
+    entries not in use. `surveyed`: the home's `survey()`, if the caller has just made it."""
     from .images.store import referenced_by_boxes
 
     home = Path(home)
-    before = total = home_size(home) if size is None else size
+    before, found = survey(home) if surveyed is None else surveyed
+    total = before
     removed, busy = [], []
     now = time.time()
     kept_boxes = referenced_by_boxes(home)  # a stopped persistent box starts again on the base it was made on
-    for entry in entries(home):
+    for entry in found:
         old = older_than_s is not None and now - entry.last_used >= older_than_s
         if not (everything or old or (max_bytes is not None and total + need > max_bytes)):
             continue
@@ -384,18 +418,18 @@ def evict(home: Path, max_bytes: int | None, need: int = 0, older_than_s: float 
             total -= entry.size
         else:
             busy.append(entry)
-    return Evicted(removed, busy, before, home_size(home) if removed else before)
+    return Evicted(removed, busy, before, total)
 
 
 def make_room(home: Path, need: int) -> None:
     """Evict what would leave the home over its cap once `need` more bytes are saved into it (0: at the end
     of a run). Failing to is logged, not raised: the cache is an optimisation."""
     try:
-        size = home_size(home)
-        cap = cache_max(home, size)
-        if size + need <= cap.bytes:
+        surveyed = survey(home)
+        cap = cache_max(home, surveyed[0])
+        if surveyed[0] + need <= cap.bytes:
             return
-        result = evict(home, cap.bytes, need, size=size)
+        result = evict(home, cap.bytes, need, surveyed=surveyed)
     except (OSError, ConfigError) as exc:
         log.warning("could not make room in the runtime home %s: %s", home, exc)
         return

@@ -5,8 +5,10 @@ credit grants included, goes out through the writer's queue. Frames that can be 
 bounded by the guest's credit, so the queue stays small even when a hostile guest stops reading.
 
 Nothing the guest sends is held without bound (guest/PROTOCOL.md, "Host bounds"): the control stream takes
-a few frames before READY and none after it; frames for streams the host has not open are dropped, a few of
-them; more of either is a protocol violation, which ends the connection.
+a few frames before READY and none after it; frames for streams the host never opened are dropped, a few of
+them over the connection; late frames for a stream the host closed recently (answers to a request it gave up
+on, the end of a killed command's output) are dropped, a few per stream. More of any is a protocol violation,
+which ends the connection.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import logging
 import queue
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Protocol
 
-from .errors import BoxError, GuestProtocolError
+from .errors import AgentTimeout, BoxError, GuestProtocolError
 from .protocol import FrameDecoder, T, frame
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_FRAMES = 4  # control frames held before READY (HELLO, then READY or ERROR; more is no handshake)
-STRAY_FRAMES = 64  # frames for streams not open (late answers to requests given up on) before the guest is cut off
+STRAY_FRAMES = 64  # frames for streams never opened (or closed long ago) before the guest is cut off
+LATE_FRAMES = 64  # frames dropped for each recently closed stream before the guest is cut off
+RECENTLY_CLOSED = 256  # closed streams whose late frames are expected (the most recent ones)
 
 
 class StreamHandler(Protocol):
@@ -67,7 +72,8 @@ class Channel:
         self._ids = itertools.count(first_stream)
         self._control: queue.Queue[tuple[T, bytes] | BaseException] = queue.Queue()
         self._ready = False  # READY came: from now on the control stream carries nothing from the guest
-        self._strays = 0
+        self._strays = 0  # frames for streams never opened, over the connection
+        self._closed: OrderedDict[int, int] = OrderedDict()  # recently closed streams: their late frames so far
         self._out: queue.Queue[bytes | None] = queue.Queue()
         self.error: BaseException | None = None
         self._reader = threading.Thread(target=self._read_loop, name="boxlite-channel-reader", daemon=True)
@@ -117,7 +123,10 @@ class Channel:
 
     def close_stream(self, stream: int) -> None:
         with self._lock:
-            self._streams.pop(stream, None)
+            if self._streams.pop(stream, None) is not None:
+                self._closed[stream] = 0
+                if len(self._closed) > RECENTLY_CLOSED:
+                    self._closed.popitem(last=False)
 
     def request(self, kind: T, expect: T, payload: bytes = b"", timeout: float = 30.0) -> bytes:
         """Send `kind` on a fresh stream and wait for the `expect` answer."""
@@ -127,16 +136,17 @@ class Channel:
             self.send(kind, stream, payload)
             return reply.future.result(timeout)
         except TimeoutError:
-            raise BoxError(f"the guest agent did not answer {kind.name} within {timeout:.0f} s") from None
+            raise AgentTimeout(f"the guest agent did not answer {kind.name} within {timeout:.0f} s") from None
         finally:
             self.close_stream(stream)
 
     def control(self, timeout: float) -> tuple[T, bytes]:
-        """The next frame of the handshake on stream 0 (HELLO, READY, ERROR); TimeoutError if none comes."""
+        """The next frame of the handshake on stream 0 (HELLO, READY, ERROR); AgentTimeout if none comes within
+        `timeout` s, the connection's error if it ended."""
         try:
             item = self._control.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError from None
+            raise AgentTimeout(f"the guest agent sent nothing on the control stream within {timeout:.1f} s") from None
         if isinstance(item, BaseException):
             raise item
         return item
@@ -163,14 +173,25 @@ class Channel:
             return
         with self._lock:
             handler = self._streams.get(stream)
-        if handler is None:
+            if handler is None:
+                self._drop(kind, stream)
+                return
+        handler.on_frame(kind, payload)
+
+    def _drop(self, kind: T, stream: int) -> None:
+        """Count a frame for a stream not open against its allowance (the caller holds the lock)."""
+        late = self._closed.get(stream)
+        if late is not None:
+            if late >= LATE_FRAMES:
+                raise GuestProtocolError(f"the guest sent more than {LATE_FRAMES} frames for stream {stream} after "
+                                         f"it was closed (the last: {kind.name})")
+            self._closed[stream] = late + 1
+        else:
             self._strays += 1
             if self._strays > STRAY_FRAMES:
                 raise GuestProtocolError(f"the guest sent more than {STRAY_FRAMES} frames for streams that are "
                                          f"not open (the last: {kind.name} on stream {stream})")
-            log.debug("dropping %s for closed stream %d", kind.name, stream)
-            return
-        handler.on_frame(kind, payload)
+        log.debug("dropping %s for stream %d, not open", kind.name, stream)
 
     def _on_control(self, kind: T, payload: bytes) -> None:
         """The handshake's frames go to `control()`; after READY the guest has nothing to say on stream 0."""

@@ -48,6 +48,10 @@ class GuestProtocolError(BoxError):
     protocol sets): the host stopped talking to it and killed its VM."""
 
 
+class AgentTimeout(BoxError):
+    """The guest agent did not answer within the time allowed (a hung or overloaded guest)."""
+
+
 class BoxNotFound(BoxError, KeyError):
     """No box with that id in this runtime home."""
 

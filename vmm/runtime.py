@@ -1,12 +1,15 @@
-"""The runtime: creates boxes, finds them again, and accounts for them."""
+"""The runtime: creates boxes, finds them again, and accounts for them.
+
+It decides how each box starts, as a LaunchPlan (vmm/box.py): restored from a snapshot template (one the
+caller asked for, or the boot snapshot of its options), or booted. The boot snapshots and templates it builds
+are boxes it boots with their RAM in a file, warms up and saves (vmm/snapshot.py keeps them on disk).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -15,14 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import agent, cache, engines, kernel, snapshot
-from .box import Box, BoxInfo
-from .errors import BoxError, BoxNotFound
+from . import agent, boxstate, cache, engines, kernel, snapshot
+from .box import Box, BoxHooks, BoxInfo, LaunchPlan
+from .errors import BoxError, BoxNotFound, ConfigError, ExecError, NoSpaceForTemplate
+from .execution import Execution
 from .home import Home
-from .images import ImageConfig, ResolvedImage, resolve_image
+from .images import ResolvedImage, resolve_image
 from .options import BoxOptions
 
 log = logging.getLogger(__name__)
+
+# A warm-up: given the running template box, start what every restored box should find running (or None),
+# and return it with any JSON data the restored boxes' users need (e.g. what the warm-up learned).
+Warmup = Callable[[Box], "tuple[Execution | None, Any]"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ class Runtime:
         # Keys of boot snapshots that failed to restore, or had no room to be saved: those boxes boot.
         self._no_boot_snapshot: set[str] = set()
         # The cache entries (templates, bases, kernel builds, ...) this runtime uses: not evicted until close().
-        self._holds = cache.Holds()
-        self._sweep()
+        self._holds = cache.Holds(self.home.root)
+        boxstate.sweep(self.home.boxes)
         cache.sweep(self.home.root)
 
     @property
@@ -71,6 +79,7 @@ class Runtime:
             self._kernel = kernel.find_kernel(*self._kernel_args)
         return self._kernel
 
+    # -- boxes ----------------------------------------------------------------------------------------
     def create(self, options: BoxOptions | None = None, **overrides: Any) -> Box:
         """A new box (not started yet: `start()` it, or use it in a `with` block).
 
@@ -81,73 +90,16 @@ class Runtime:
         if overrides and options is not None:
             options = BoxOptions.from_dict({**options.to_dict(), **overrides})
         options = options.validated()
-        engines.select(options.engine, self.kernel.release)  # a missing engine or kernel fails before any work
-        image = self._resolve(options)
-        box = Box(self, uuid.uuid4().hex, options, image, created=time.time())
-        self._adopt(box)
-        return box
-
-    def _resolve(self, options: BoxOptions) -> ResolvedImage:
-        """The image of these options, its base held for this runtime (resolved again if it was evicted
-        before the hold)."""
-        for _ in range(2):
-            image = resolve_image(options.image, self.home.root, progress=self.progress,
-                                  insecure_registries=self.insecure_registries)
-            if image.base is None or self._holds.holds(image.base):
-                return image
-            self._use(image.base, image.ref)
-            if image.base.exists():
-                return image
-        return image
-
-    def _boot_files(self) -> kernel.BootFiles:
-        """The kernel's boot files, held for this runtime (built again if they were evicted before the hold)."""
-        agent_path = agent.binary(self.home.root)
-        boot = kernel.boot_files(self.home.kernels, self.kernel, agent_path)
-        if not self._holds.holds(boot.vmlinux.parent):
-            self._use(boot.vmlinux.parent)
-            boot = kernel.boot_files(self.home.kernels, self.kernel, agent_path)
-        return boot
-
-    def _use(self, path: Path, what: str = "") -> None:
-        """Hold the cache entry at `path` (if it is in this home) until close(): it is not evicted meanwhile."""
-        if path.is_relative_to(self.home.root):
-            self._holds.hold(path, what)
-
-    def _unuse(self, path: Path) -> None:
-        """No longer hold `path` (its build failed: nothing to keep)."""
-        self._holds.drop(path)
-
-    def _adopt(self, box: Box) -> None:
-        box._save()
-        with self._lock:
-            self._boxes[box.id] = box
-            self._created += 1
-
-    def template(self, options: BoxOptions | None = None, *, warmup: snapshot.Warmup | None = None,
-                 key: str = "") -> snapshot.Template:
-        """A snapshot template of a box with these options: booted, warmed up, and saved, once.
-
-        `warmup(box)` runs in the booted template box and returns (execution, data): a command left
-        running (blocked on its stdin, all its output read) that every restored box takes over as
-        `box.warm_execution`, and JSON data kept with the template. `key` names what the warm-up depends
-        on beyond the options (its code, its inputs): a different key is a different template.
-        Templates are kept in the runtime home and rebuilt when anything they depend on changes.
-        """
-        options = (options or BoxOptions()).validated()
-        engine = engines.select(options.engine, self.kernel.release)
-        image = self._resolve(options)
-        snapshot.check_snapshottable(options, image, engine)
-        return snapshot.get_or_build(self, options, image, engine, warmup, key)
+        self._engine(options)  # a missing engine or kernel fails before any work
+        return self._new_box(options, self._resolve(options), self._plan, self._boot_instead)
 
     def restore(self, template: snapshot.Template, name: str | None = None) -> Box:
         """A running box restored from `template`: its RAM shared copy-on-write with the template's, fresh
         entropy, clock and name. A template that cannot be restored is discarded (the next `template()`
         call rebuilds it) and BoxError raised."""
         options = dataclasses.replace(template.options, name=name)
-        box = Box(self, uuid.uuid4().hex, options, template.image, created=time.time())
-        box._template = template
-        self._adopt(box)
+        box = self._new_box(options, template.image, lambda box: dataclasses.replace(
+            self._launch(box.options), template=template), _fail)
         try:
             return box.start()
         except BoxError as exc:
@@ -159,29 +111,13 @@ class Runtime:
             box.remove()
             raise
 
-    def _boot_template(self, box: Box, engine: engines.Engine) -> snapshot.Template | None:
-        """What `box.start()` restores instead of booting on `engine`, if its options allow (see
-        BoxOptions.snapshots)."""
-        if not box.options.snapshots:
-            return None
-        return snapshot.boot_template(self, box.options, box.image, engine)
-
-    def _boot_without_snapshot(self, key: str) -> None:
-        """Boxes of this boot snapshot's options boot for the rest of this runtime (it failed once)."""
-        with self._lock:
-            self._no_boot_snapshot.add(key)
-
-    def _boot_template_failed(self, template: snapshot.Template) -> None:
-        self._boot_without_snapshot(template.key)
-        template.discard()
-
     def get(self, box_id: str) -> Box:
         """The box with this id (or unique id prefix), live in this process or stopped on disk."""
         with self._lock:
             matches = [b for i, b in self._boxes.items() if i.startswith(box_id)]
         if len(matches) == 1:
             return matches[0]
-        ids = [p.name for p in self.home.boxes.iterdir() if p.name.startswith(box_id) and (p / "box.json").exists()]
+        ids = [p.name for p in self.home.boxes.iterdir() if p.name.startswith(box_id) and boxstate.exists(p)]
         if len(ids) != 1 or not box_id:
             what = "matches several boxes" if len(ids) > 1 else "matches no box"
             raise BoxNotFound(f"box id {box_id!r} {what} in {self.home.boxes}; `Runtime.list()` shows them")
@@ -190,25 +126,11 @@ class Runtime:
             self._boxes.setdefault(box.id, box)
             return self._boxes[box.id]
 
-    def _load(self, box_id: str) -> Box:
-        state = json.loads((self.home.box_dir(box_id) / "box.json").read_text())
-        image = state["image"]
-        image["config"] = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in image["config"].items()})
-        image["base"] = Path(image["base"])
-        status = state["status"]
-        if status == "running" and not _alive(state.get("owner")):
-            status = "stopped"
-        box = Box(self, box_id, BoxOptions.from_dict(state["options"]), ResolvedImage(**image),
-                  created=state["created"], status=status)
-        box.engine_name = state.get("engine")
-        return box
-
     def list(self) -> list[BoxInfo]:
         """Every box in this runtime home, newest first."""
         infos = []
         for path in self.home.boxes.iterdir():
-            if (path / "box.json").exists():
+            if boxstate.exists(path):
                 with self._lock:
                     live = self._boxes.get(path.name)
                 try:
@@ -238,8 +160,8 @@ class Runtime:
                 box.stop()
             except Exception as exc:  # noqa: BLE001 - stop the others, then report
                 errors.append(exc)
-            if box.status == "created" and box._auto_remove:
-                box._remove_files()
+            if box.status == "created" and box.ephemeral:
+                box.remove()
         self._holds.release()
         cache.make_room(self.home.root, 0)
         if errors:
@@ -251,8 +173,153 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- accounting, called by boxes -----------------------------------------------------------------
-    def _started(self, box: Box, seconds: float, restored: bool = False) -> None:
+    def _new_box(self, options: BoxOptions, image: ResolvedImage, plan: Callable[[Box], LaunchPlan],
+                 restore_failed: Callable[[Box, LaunchPlan, BoxError], LaunchPlan]) -> Box:
+        box_id = uuid.uuid4().hex
+        box = Box(box_id, options, image, time.time(), self.home.box_dir(box_id),
+                  self._hooks(plan, restore_failed))
+        with self._lock:
+            self._boxes[box.id] = box
+            self._created += 1
+        return box
+
+    def _load(self, box_id: str) -> Box:
+        state = boxstate.load(self.home.box_dir(box_id))
+        return Box(box_id, state.options, state.image, state.created, self.home.box_dir(box_id),
+                   self._hooks(self._plan, self._boot_instead), status=state.status, engine_name=state.engine,
+                   saved=True)
+
+    def _hooks(self, plan: Callable[[Box], LaunchPlan],
+               restore_failed: Callable[[Box, LaunchPlan, BoxError], LaunchPlan]) -> BoxHooks:
+        return BoxHooks(plan=plan, restore_failed=restore_failed, started=self._started,
+                        exec_called=self._exec_called, removed=self._removed)
+
+    # -- how a box starts -----------------------------------------------------------------------------
+    def _engine(self, options: BoxOptions) -> engines.Engine:
+        return engines.select(options.engine, self.kernel.release)
+
+    def _resolve(self, options: BoxOptions) -> ResolvedImage:
+        """The image of these options, its base held for this runtime."""
+        return self._holds.held(
+            lambda: resolve_image(options.image, self.home.root, progress=self.progress,
+                                  insecure_registries=self.insecure_registries),
+            lambda image: image.base, lambda image: image.ref)
+
+    def _launch(self, options: BoxOptions) -> LaunchPlan:
+        """Booting a box of these options: its engine and boot files, held for this runtime with its volume
+        images."""
+        engine = self._engine(options)
+        agent_path = agent.binary(self.home.root)
+        boot = self._holds.held(lambda: kernel.boot_files(self.home.kernels, self.kernel, agent_path),
+                                lambda files: files.vmlinux.parent)
+        for vol in options.volumes:
+            self._holds.hold(Path(vol.host))
+        return LaunchPlan(engine, boot, agent.digest(agent_path))
+
+    def _plan(self, box: Box) -> LaunchPlan:
+        """How a box of create() starts: restored from the boot snapshot of its options if they allow one
+        (BoxOptions.snapshots), else booted."""
+        plan = self._launch(box.options)
+        if not box.options.snapshots:
+            return plan
+        return dataclasses.replace(plan, template=self._boot_snapshot(box.options, box.image, plan))
+
+    def _boot_snapshot(self, options: BoxOptions, image: ResolvedImage,
+                       plan: LaunchPlan) -> snapshot.Template | None:
+        """The boot snapshot boxes of these options restore (built by the first start); None if they boot."""
+        try:
+            snapshot.check_snapshottable(options, image, plan.engine)
+        except ConfigError as exc:
+            log.debug("boxes of these options boot: %s", exc)
+            return None
+        options = snapshot.boot_options(options)
+        key = snapshot.template_key(options, image, plan.engine, plan.boot, plan.agent, snapshot.BOOT_KEY)
+        with self._lock:
+            if key in self._no_boot_snapshot:
+                return None  # it failed in this runtime: trying it again would most likely fail again
+        try:
+            return self._template(options, image, plan, key, _boot_warmup)
+        except NoSpaceForTemplate as exc:
+            log.warning("%s; boxes of these options boot instead", exc)
+            with self._lock:
+                self._no_boot_snapshot.add(key)
+            return None
+
+    def _boot_instead(self, box: Box, plan: LaunchPlan, exc: BoxError) -> LaunchPlan:
+        """Restoring a boot snapshot failed: it is discarded, and boxes of its options boot for the rest of this
+        runtime."""
+        assert plan.template is not None
+        log.warning("box %s: restoring its boot snapshot failed (%s); discarding it and booting (and so will the "
+                    "other boxes of these options in this runtime)", box.id, exc)
+        with self._lock:
+            self._no_boot_snapshot.add(plan.template.key)
+        plan.template.discard()
+        return dataclasses.replace(plan, template=None)
+
+    # -- templates ------------------------------------------------------------------------------------
+    def template(self, options: BoxOptions | None = None, *, warmup: Warmup | None = None,
+                 key: str = "") -> snapshot.Template:
+        """A snapshot template of a box with these options: booted, warmed up, and saved, once.
+
+        `warmup(box)` runs in the booted template box and returns (execution, data): a command left
+        running (blocked on its stdin, all its output read) that every restored box takes over as
+        `box.warm_execution`, and JSON data kept with the template. `key` names what the warm-up depends
+        on beyond the options (its code, its inputs): a different key is a different template.
+        Templates are kept in the runtime home and rebuilt when anything they depend on changes.
+        """
+        options = (options or BoxOptions()).validated()
+        engine = self._engine(options)
+        image = self._resolve(options)
+        snapshot.check_snapshottable(options, image, engine)
+        plan = self._launch(options)
+        key = snapshot.template_key(options, image, plan.engine, plan.boot, plan.agent, key)
+        return self._template(options, image, plan, key, warmup)
+
+    def _template(self, options: BoxOptions, image: ResolvedImage, plan: LaunchPlan, key: str,
+                  warmup: Warmup | None) -> snapshot.Template:
+        """The template `key`, held for this runtime; built by booting `plan` if it is not in the home."""
+        directory = self.home.templates / key[:32]
+        about = snapshot.describe(options)
+        # Held first, so that no eviction removes it between its check and its use.
+        self._holds.hold(directory, about)
+        try:
+            return snapshot.get_or_build(
+                directory, key, options, image, home=self.home.root, about=about, boot=warmup is _boot_warmup,
+                build=lambda work: self._build(options, image, dataclasses.replace(plan, ram_file=work / "ram"),
+                                               warmup, work / "state"))
+        except BaseException:
+            self._holds.drop(directory)
+            raise
+
+    def _build(self, options: BoxOptions, image: ResolvedImage, plan: LaunchPlan, warmup: Warmup | None,
+               state: Path) -> snapshot.Saved:
+        """Boot a box as `plan` says (its RAM in plan.ram_file), warm it up, save its devices to `state`."""
+        started = time.monotonic()
+        what = "boot snapshot" if warmup is _boot_warmup else "snapshot template"
+        self._say(f"saving a {what} ({options.image or 'default'} image, {options.cpus} CPU, "
+                  f"{options.memory_mib} MiB; once, for as long as nothing it depends on changes)")
+        box = self._new_box(options, image, lambda _: plan, _fail)
+        try:
+            box.start()
+            execution, data = warmup(box) if warmup else (None, None)
+            warm = execution.state() if execution is not None else None
+            saved = snapshot.Saved(box.snapshot(state), warm, data)
+        except BaseException:
+            box.remove()
+            raise
+        seconds = time.monotonic() - started
+        with self._lock:
+            self._templates_built += 1
+            self._template_seconds += seconds
+        self._say(f"{what} saved ({seconds:.1f} s)")
+        return saved
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            self.progress(message)
+
+    # -- accounting, given to boxes as their hooks ---------------------------------------------------
+    def _started(self, seconds: float, restored: bool) -> None:
         with self._lock:
             if restored:
                 self._restores += 1
@@ -260,11 +327,6 @@ class Runtime:
             else:
                 self._boots += 1
                 self._boot_seconds += seconds
-
-    def _template_built(self, seconds: float) -> None:
-        with self._lock:
-            self._templates_built += 1
-            self._template_seconds += seconds
 
     def _removed(self, box: Box) -> None:
         with self._lock:
@@ -275,23 +337,17 @@ class Runtime:
         with self._lock:
             self._execs += 1
 
-    def _sweep(self) -> None:
-        """Forget ephemeral boxes whose process died without cleaning up (SIGKILL, power loss), and box
-        directories that never got their state file (their process died creating them)."""
-        for path in self.home.boxes.iterdir():
-            try:
-                state = json.loads((path / "box.json").read_text())
-            except (OSError, ValueError):
-                if not (path / "box.json").exists() and time.time() - path.stat().st_mtime > cache.ORPHAN_AGE_S:
-                    log.debug("removing box directory %s without state", path.name)
-                    shutil.rmtree(path, ignore_errors=True)
-                continue
-            owner = state.get("owner")
-            options = state.get("options", {})
-            if owner and not _alive(owner) and options.get("auto_remove") and not options.get("disk_size_gb"):
-                log.debug("removing box %s left by dead process %s", path.name, owner)
-                shutil.rmtree(path, ignore_errors=True)
+
+def _fail(box: Box, plan: LaunchPlan, exc: BoxError) -> LaunchPlan:
+    """A box that restores a template the caller chose does not boot instead: the caller gets the error."""
+    raise exc
 
 
-def _alive(pid: int | None) -> bool:
-    return bool(pid) and cache.owner_pid_alive(int(pid))
+def _boot_warmup(box: Box) -> tuple[None, None]:
+    """A boot snapshot's warm-up (snapshot.BOOT_WARMUP)."""
+    for argv in snapshot.BOOT_WARMUP:
+        try:  # writing no .pyc files: the box's file system stays as the image has it
+            box.exec(*argv, env={"PYTHONDONTWRITEBYTECODE": "1"}, timeout=snapshot.BOOT_WARMUP_TIMEOUT)
+        except ExecError as exc:  # an image without it (or one whose python hangs): nothing to warm
+            log.debug("boot snapshot warm-up %s: %s", argv, exc)
+    return None, None

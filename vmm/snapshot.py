@@ -8,6 +8,9 @@ the save, so it takes on disk only what the guest wrote), `state` (qemu's device
 runtime home build each template once, under a file lock; a template that fails its checks is rebuilt.
 Templates are cache entries (vmm/cache.py): a runtime holds the use lock of those it uses, and the least
 recently used ones are evicted when the home is over its cap.
+
+This module works on plain data (paths, keys, options): the Runtime boots and saves the VM of a template
+being built, through the `build` callable it gives `get_or_build()`.
 """
 
 from __future__ import annotations
@@ -23,33 +26,26 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from filelock import FileLock
 
-from . import agent, cache, engines
-from .box import Box
-from .errors import BoxError, ConfigError, ExecError, NoSpaceForTemplate
-from .execution import Execution, ExecutionState
+from . import cache
+from .engines.base import Engine
+from .errors import BoxError, ConfigError, NoSpaceForTemplate
+from .execution import ExecutionState
 from .images import ResolvedImage
+from .kernel import BootFiles
 from .options import BoxOptions
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # of the files below; part of every key
-# A warm-up: given the running template box, start what every restored box should find running (or None),
-# and return it with any JSON data the restored boxes' users need (e.g. what the warm-up learned).
-Warmup = Callable[[Box], "tuple[Execution | None, Any]"]
 # Run in a boot snapshot before it is saved, so that the image's shell, C library and python are in the page
 # cache of every box restored from it: their first commands read nothing from disk (~0.1 s each under TCG).
 BOOT_WARMUP = (("sh", "-c", "true"), ("python3", "-c", "pass"))
 BOOT_WARMUP_TIMEOUT = 60.0
 BOOT_KEY = f"boot {BOOT_WARMUP}"  # the `extra` of boot templates
-# Given with each exec, not part of the VM: boxes that differ only in these share one boot template.
-EXEC_OPTIONS = {"env": {}, "working_dir": None, "user": None}
 # Room for the state file and metadata beside the RAM file, which can grow to the box's whole memory.
 SPACE_MARGIN_MIB = 64
 # What a new template is expected to take on disk, as a share of its box's memory, when making room for it
@@ -81,7 +77,16 @@ class Template:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def check_snapshottable(options: BoxOptions, image: ResolvedImage, engine: engines.Engine) -> None:
+@dataclass(frozen=True)
+class Saved:
+    """What building a template saved besides the VM's RAM and state: from its warm-up."""
+
+    next_stream: int  # the first channel stream id free after the save
+    warm: ExecutionState | None  # the warm-up's command, left running
+    data: Any  # JSON data the warm-up returned
+
+
+def check_snapshottable(options: BoxOptions, image: ResolvedImage, engine: Engine) -> None:
     """ConfigError unless boxes of these options can be snapshotted, saying what to change."""
     if not engine.snapshots:
         raise ConfigError(f"the {engine.name} engine cannot snapshot VMs; use engine='qemu'")
@@ -95,17 +100,21 @@ def check_snapshottable(options: BoxOptions, image: ResolvedImage, engine: engin
                               "the volume as an ext4 image file (vmm.volumes.directory_image)")
 
 
+def boot_options(options: BoxOptions) -> BoxOptions:
+    """The options of the boot snapshot boxes of `options` restore: without those given with each exec (its
+    environment, working directory and user), so that boxes differing only in them share one."""
+    return dataclasses.replace(options, env={}, working_dir=None, user=None)
+
+
 def _stat(path: Path | str) -> list[Any]:
     st = os.stat(path)
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def template_key(runtime: Runtime, options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
+def template_key(options: BoxOptions, image: ResolvedImage, engine: Engine, boot: BootFiles, agent_digest: str,
                  extra: str) -> str:
-    """A digest of everything a template's saved RAM and devices depend on: change any, get a new template."""
-    boot = runtime._boot_files()
-    for vol in options.volumes:  # volume images of the runtime home: in use from now on
-        runtime._use(Path(vol.host))
+    """A digest of everything a template's saved RAM and devices depend on: change any, get a new template.
+    `agent_digest`: of the agent in `boot`'s initramfs; `extra`: what the warm-up depends on."""
     parts = {
         "format": FORMAT,
         # The guest sees the same network in "internet" and "full" (the policy is the host's, set up anew for
@@ -116,41 +125,18 @@ def template_key(runtime: Runtime, options: BoxOptions, image: ResolvedImage, en
         "image": [image.ref, image.digest, _stat(image.base) if image.base else None],
         "volumes": [_stat(v.host) for v in options.volumes],
         "kernel": [_stat(boot.vmlinux), _stat(boot.initramfs)],
-        "agent": agent.digest(agent.binary(runtime.home.root)),
+        "agent": agent_digest,
         "engine": engine.snapshot_key(),
         "extra": extra,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def boot_template(runtime: Runtime, options: BoxOptions, image: ResolvedImage,
-                  engine: engines.Engine) -> Template | None:
-    """What `Box.start()` restores instead of booting: a box of these options saved right after it booted
-    (built by the first start). None if such boxes cannot be snapshotted: they boot."""
-    try:
-        check_snapshottable(options, image, engine)
-    except ConfigError as exc:
-        log.debug("boxes of these options boot: %s", exc)
-        return None
-    options = dataclasses.replace(options, **EXEC_OPTIONS)
-    key = template_key(runtime, options, image, engine, BOOT_KEY)
-    if key in runtime._no_boot_snapshot:
-        return None  # it failed in this runtime: trying it again would most likely fail again
-    try:
-        return _get_or_build(runtime, options, image, engine, _boot_warmup, key)
-    except NoSpaceForTemplate as exc:
-        log.warning("%s; boxes of these options boot instead", exc)
-        runtime._boot_without_snapshot(key)
-        return None
-
-
-def _boot_warmup(box: Box) -> tuple[None, None]:
-    for argv in BOOT_WARMUP:
-        try:  # writing no .pyc files: the box's file system stays as the image has it
-            box.exec(*argv, env={"PYTHONDONTWRITEBYTECODE": "1"}, timeout=BOOT_WARMUP_TIMEOUT)
-        except ExecError as exc:  # an image without it (or one whose python hangs): nothing to warm
-            log.debug("boot snapshot warm-up %s: %s", argv, exc)
-    return None, None
+def describe(options: BoxOptions) -> str:
+    """What a template of these options is, for `boxlite cache ls`."""
+    sources = [cache.note(Path(v.host)) or v.host for v in options.volumes]
+    return f"{options.image or 'default'} image, {options.cpus} CPU, {options.memory_mib} MiB" + (
+        f"; volumes of {', '.join(sources)}" if sources else "")
 
 
 def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -> Template | None:
@@ -172,34 +158,28 @@ def load(directory: Path, key: str, options: BoxOptions, image: ResolvedImage) -
     return template
 
 
-def get_or_build(runtime: Runtime, options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
-                 warmup: Warmup | None, extra: str) -> Template:
-    return _get_or_build(runtime, options, image, engine, warmup, template_key(runtime, options, image, engine, extra))
-
-
-def _get_or_build(runtime: Runtime, options: BoxOptions, image: ResolvedImage, engine: engines.Engine,
-                  warmup: Warmup | None, key: str) -> Template:
-    directory = runtime.home.templates / key[:32]
-    # In use from now until the runtime closes (first, so that no eviction removes it between check and use).
-    sources = [cache.note(Path(v.host)) or v.host for v in options.volumes]
-    about = f"{options.image or 'default'} image, {options.cpus} CPU, {options.memory_mib} MiB" + (
-        f"; volumes of {', '.join(sources)}" if sources else "")
-    runtime._use(directory, about)
+def get_or_build(directory: Path, key: str, options: BoxOptions, image: ResolvedImage, *, home: Path,
+                 build: Callable[[Path], Saved], about: str, boot: bool) -> Template:
+    """The template `key` in `directory`, built there first if it is missing or damaged: `build(work)` boots a
+    VM with its RAM in `work / "ram"`, warms it up and saves its devices to `work / "state"`. Processes sharing
+    the home build it once, under the directory's lock; room is made under the home's cap first, and
+    NoSpaceForTemplate raised before building if the disk cannot take the RAM file. `about` (what it is) and
+    `boot` (a boot snapshot) are kept with it, for `boxlite cache ls`."""
     template = load(directory, key, options, image)
     if template is not None:
         return template
-    try:
-        cache.make_room(runtime.home.root, int((options.memory_mib << 20) * EXPECTED_RAM_SHARE))
-        _check_space(runtime.home.templates, options)
-        with FileLock(str(directory) + ".lock"):
-            template = load(directory, key, options, image)  # another process built it while we waited
-            if template is not None:
-                return template
-            shutil.rmtree(directory, ignore_errors=True)
-            return _build(runtime, options, image, warmup, key, directory, about)
-    except BaseException:
-        runtime._unuse(directory)
-        raise
+    cache.make_room(home, int((options.memory_mib << 20) * EXPECTED_RAM_SHARE))
+    _check_space(directory.parent, options)
+    with FileLock(str(directory) + ".lock"):
+        template = load(directory, key, options, image)  # another process built it while we waited
+        if template is not None:
+            return template
+        shutil.rmtree(directory, ignore_errors=True)
+        _build(directory, key, build, about, boot)
+    template = load(directory, key, options, image)
+    if template is None:
+        raise BoxError(f"the snapshot template just built in {directory} does not check out; is the disk full?")
+    return template
 
 
 def _check_space(templates: Path, options: BoxOptions) -> None:
@@ -214,42 +194,21 @@ def _check_space(templates: Path, options: BoxOptions) -> None:
         )
 
 
-def _build(runtime: Runtime, options: BoxOptions, image: ResolvedImage, warmup: Warmup | None, key: str,
-           directory: Path, about: str) -> Template:
+def _build(directory: Path, key: str, build: Callable[[Path], Saved], about: str, boot: bool) -> None:
+    """Build into a temporary directory beside `directory`, renamed into place once whole."""
     started = time.monotonic()
-    what = "boot snapshot" if warmup is _boot_warmup else "snapshot template"
-    if runtime.progress:
-        runtime.progress(f"saving a {what} ({options.image or 'default'} image, {options.cpus} CPU, "
-                         f"{options.memory_mib} MiB; once, for as long as nothing it depends on changes)")
     work = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    box = None
-    try:  # from the first thing made on: a Ctrl-C right after the progress line leaves nothing half-built
+    try:  # from the first thing made on: a Ctrl-C leaves nothing half-built
         work.mkdir(parents=True)
-        box = Box(runtime, uuid.uuid4().hex, options, image, created=time.time())
-        box._ram_file = work / "ram"
-        runtime._adopt(box)
-        box.start()
-        execution, data = warmup(box) if warmup else (None, None)
-        warm = execution.state() if execution is not None else None
-        next_stream = box._snapshot(work / "state")
+        saved = build(work)
         cache.dig_holes(work / "ram")
-        meta = {"key": key, "about": about, "boot": warmup is _boot_warmup, "next_stream": next_stream,
-                "warm": asdict(warm) if warm else None, "data": data,
+        meta = {"key": key, "about": about, "boot": boot, "next_stream": saved.next_stream,
+                "warm": asdict(saved.warm) if saved.warm else None, "data": saved.data,
                 "state_sha256": hashlib.sha256((work / "state").read_bytes()).hexdigest(),
                 "built": time.time(), "build_seconds": time.monotonic() - started}
         (work / "template.json").write_text(json.dumps(meta, indent=1))
         os.rename(work, directory)
     except BaseException:
-        if box is not None:
-            box.remove()
         shutil.rmtree(work, ignore_errors=True)
         raise
     log.info("built snapshot template %s in %.1f s", key[:12], time.monotonic() - started)
-    runtime._template_built(time.monotonic() - started)
-    if runtime.progress:
-        runtime.progress(f"{what} saved ({time.monotonic() - started:.1f} s)")
-    template = load(directory, key, options, image)
-    if template is None:
-        raise BoxError(f"the snapshot template just built in {directory} does not check out; is the disk full?")
-    return template
-
