@@ -34,8 +34,9 @@ PAIRS = [(Runtime, AsyncRuntime), (Box, AsyncBox), (Execution, AsyncExecution), 
 ASYNC_NAME = {sync.__name__: wrapper.__name__ for sync, wrapper in PAIRS} | {"Iterator": "AsyncIterator"}
 # Cheap and non-blocking: the same plain method in both APIs. Every other method is a coroutine in the async one.
 NOT_AWAITED = {"Runtime.metrics", "Box.info", "Execution.poll"}
-# Public for the runtime's own modules, not for users: the channel's stream callbacks, the state a snapshot saves.
-RUNTIME_ONLY = {"Execution.on_frame", "Execution.on_lost", "Execution.state"}
+# Public for the runtime's own modules, not for users: the channel's stream callbacks, the state a snapshot saves,
+# the save of a template box (Runtime.template() calls it).
+RUNTIME_ONLY = {"Box.snapshot", "Execution.on_frame", "Execution.on_lost", "Execution.state"}
 # Protocols: a sync `with`/`for` is an `async with`/`async for`.
 DUNDERS = {"__enter__": "__aenter__", "__exit__": "__aexit__", "__iter__": "__aiter__"}
 # Users construct runtimes; boxes and executions come from them.

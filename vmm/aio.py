@@ -17,8 +17,8 @@ from .home import Home
 from .images import ResolvedImage
 from .kernel import Kernel
 from .options import BoxOptions
-from .runtime import Runtime, RuntimeMetrics
-from .snapshot import Template, Warmup
+from .runtime import Runtime, RuntimeMetrics, Warmup
+from .snapshot import Template
 
 
 class AsyncRuntime:
@@ -121,6 +121,10 @@ class AsyncBox:
     @property
     def persistent(self) -> bool:
         return self.sync.persistent
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.sync.ephemeral
 
     @property
     def warm_execution(self) -> AsyncExecution | None:
