@@ -3,6 +3,7 @@ virtiofsd of real boxes: a booted box, a box restored from its boot snapshot, a 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 
 from vmm import BoxOptions
 from vmm.engines import jail
-from vmm.engines.qemu import SANDBOX_OPTIONS
-from vmm.engines.qemu_features import parse_sandbox_options
+from vmm.engines.qemu import SANDBOX_OPTIONS, find_qemu
+from vmm.engines.qemu_features import parse_sandbox_options, probe
 from vmm.errors import ConfigError
 
 DATA = Path(__file__).parent / "data" / "qemu"
@@ -115,15 +116,60 @@ def test_box_with_a_volume_runs_jailed(runtime, shared_box, tmp_path):
     (tmp_path / "marker").write_text("shared")
     with runtime.create(BoxOptions(volumes=[(str(tmp_path), "/mnt/v", "rw")])) as box:
         assert box.exec("cat", "/mnt/v/marker").stdout == b"shared"
+        # What the guest's root writes lands as the shared directory's owner, as with a root virtiofsd.
+        box.exec("sh", "-c", "echo new > /mnt/v/new && mkdir /mnt/v/d && chmod 600 /mnt/v/new")
+        for made in (tmp_path / "new", tmp_path / "d"):
+            assert (made.stat().st_uid, made.stat().st_gid) == (tmp_path.stat().st_uid, tmp_path.stat().st_gid)
+        assert (tmp_path / "new").read_text() == "new\n"
         assert_qemu_jailed(box, other_box=shared_box)
         # Its helpers: virtiofsd, and pasta (the network policy's way out).
         (helper,) = [h for h in box._vm.helpers if "virtiofsd" in Path(f"/proc/{h.pid}/cmdline").read_text()]
         # virtiofsd forks its worker into its own namespaces (sandbox=namespace): the worker serves the files.
         worker = [helper.pid, *children(helper.pid)][-1]
-        assert_confined(worker)
+        fields = assert_confined(worker)
+        if ROOT_RUNNER:  # not root, and not its qemu's uid (which could then ptrace it)
+            for pid in (helper.pid, worker):
+                uids = status(pid)["Uid"].split()
+                assert "0" not in uids, f"virtiofsd runs as root: Uid {uids}"
+                assert uids[0] != status(box._vm.pid)["Uid"].split()[0]
+            # Its capabilities are those of its own user namespace's root: none on the host.
+            assert Path(f"/proc/{worker}/ns/user").resolve() != Path("/proc/self/ns/user").resolve()
         root = Path(f"/proc/{worker}/root")
-        assert sorted(p.name for p in root.iterdir()) == ["marker"], "virtiofsd's root is not the volume"
-        assert status(worker)["CapEff"] != "000001ffffffffff", "virtiofsd kept every capability"
+        assert sorted(p.name for p in root.iterdir()) == ["d", "marker", "new"], "virtiofsd's root is not the volume"
+        assert fields["CapEff"] != "000001ffffffffff", "virtiofsd kept every capability"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_a_clone_cannot_change_its_templates_ram(runtime):
+    with runtime.create(BoxOptions()) as box:
+        spec = box._vm.spec
+        assert spec.restore_state is not None, "the box was not restored from its boot snapshot"
+        ram = Path(spec.ram_file)
+        before = sha256(ram)
+        # 200 MiB of the box's 512 written (its /dev/shm is guest RAM), then read back.
+        done = box.exec("sh", "-c", "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=200 2>/dev/null && "
+                                    "wc -c < /dev/shm/fill")
+        assert done.stdout.strip() == str(200 << 20).encode(), done.stderr
+        pid = box._vm.pid
+        (fd,) = [fd for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd) == str(ram)]
+        flags = int(dict(line.split(":\t") for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines()
+                         if ":\t" in line)["flags"], 8)
+        if probe(find_qemu()).private_ram_read_only():  # qemu 8.2+: readonly=on,rom=off
+            assert flags & os.O_ACCMODE == os.O_RDONLY, "the clone's qemu has its template's RAM file open to write"
+            if ROOT_RUNNER:  # and in its mount namespace, a read-only bind
+                (mount,) = [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+                            if line.split()[4] == str(ram)]
+                assert "ro" in mount[5].split(","), mount
+        else:  # qemu 7.2 opens it read-write even to map it copy-on-write (docs/security-vmm.md)
+            assert flags & os.O_ACCMODE == os.O_RDWR
+    assert sha256(ram) == before, "a restored clone changed its template's RAM file"
 
 
 def test_jail_can_be_turned_off(runtime, monkeypatch):

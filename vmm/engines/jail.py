@@ -30,6 +30,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64")
 TOOLS = ("unshare", "mount", "umount", "pivot_root", "setpriv")
 TOOLS_PACKAGES = "util-linux and mount"
+FSJAIL = Path(__file__).with_name("fsjail.py")  # virtiofsd's jail step, run as a script (its docstring)
 
 
 def enabled() -> bool:
@@ -84,6 +86,28 @@ def namespace_problem() -> str | None:
     if problem and os.geteuid() == 0:
         log.warning("qemu runs as root, without a mount namespace: %s", problem)
     return problem
+
+
+def _box_uid(base: int, key: str) -> int:
+    """A uid in BASE+1..BASE+UID_SPAN from `key`: no allocation to keep or release. Two of n keys in use at
+    once share a uid with odds of about n^2 / 2^25 (1 in 300 000 for 10 boxes, 1 in 3 000 for 100)."""
+    return base + 1 + int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % UID_SPAN
+
+
+@functools.lru_cache(maxsize=32)
+def _idmap_problem(device: int, source: str) -> str | None:
+    done = subprocess.run([sys.executable, "-I", "-S", str(FSJAIL), "--probe", source], capture_output=True,
+                          text=True, timeout=30)
+    if done.returncode:
+        problem = f"no idmapped mount of {source} ({done.stderr.strip()[:200] or done.returncode})"
+        log.warning("virtiofsd runs as root for %s: %s", source, problem)
+        return problem
+    return None
+
+
+def idmap_problem(source: Path) -> str | None:
+    """Why virtiofsd cannot serve `source` unprivileged here, or None (asked once per file system)."""
+    return _idmap_problem(os.stat(source).st_dev, str(source))
 
 
 def _namespace_problem() -> str | None:
@@ -174,7 +198,8 @@ class Jail:
         readable = list(readable)
         if self.uid is not None:
             for path in readable:
-                if not os.stat(path).st_mode & 0o004:
+                st = os.stat(path)
+                if not (st.st_mode & 0o004 or st.st_gid == self.group and st.st_mode & 0o040):  # a RAM file
                     raise BoxError(f"qemu runs as uid {self.uid} in its jail and cannot read {path}: make it "
                                    f"readable by others (`chmod o+r {path}`), or turn the jail off ({ENV}=0)")
         if self.mount_root is not None:
@@ -190,6 +215,20 @@ class Jail:
         return [*prefix, *argv]
 
 
+def virtiofsd_prefix(jail: Jail, box_dir: Path, index: int, source: Path, sock: Path, readonly: bool
+                     ) -> list[str] | None:
+    """The argv prefix that starts virtiofsd for `source` (share `index` of the box) unprivileged and makes
+    its listening socket at `sock` (fsjail.py); None where it runs with the runner's uid: the runner is not
+    root (nothing to drop), the jail is off, or the file system has no idmapped mounts.
+
+    Its uid is not its qemu's: a qemu with the same uid could ptrace it and use its capabilities."""
+    if jail.uid is None or idmap_problem(source) is not None:
+        return None
+    uid = _box_uid(uid_base(), f"{box_dir}/fs{index}")
+    return [sys.executable, "-I", "-S", str(FSJAIL), str(source), str(sock), str(uid), str(uid),
+            "1" if readonly else "0", "--"]
+
+
 def for_box(box_dir: Path, seccomp_available: bool) -> Jail:
     """The jail of the box in `box_dir` on this host (all off with BOXLITE_JAIL=0)."""
     if not enabled():
@@ -197,10 +236,7 @@ def for_box(box_dir: Path, seccomp_available: bool) -> Jail:
     if namespace_problem():
         return Jail(seccomp_available, None, None, None)
     base = uid_base()
-    # A box's uid from its directory: no allocation to keep or release. Two of n boxes running at once
-    # share a uid with odds of about n^2 / 2^25 (1 in 300 000 for 10 boxes, 1 in 3 000 for 100).
-    uid = base + 1 + int.from_bytes(hashlib.sha256(str(box_dir).encode()).digest()[:4], "big") % UID_SPAN
-    return Jail(seccomp_available, uid, base, box_dir / ROOT_DIR)
+    return Jail(seccomp_available, _box_uid(base, str(box_dir)), base, box_dir / ROOT_DIR)
 
 
 def _fstab_path(path: str) -> str:

@@ -18,7 +18,8 @@ from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
 from . import KVM_DEVICE, network
 from .base import Disk, Engine, LaunchSpec, ProcessVM, Share
-from .jail import Jail
+from .fsjail import MOUNT_POINT
+from .jail import Jail, virtiofsd_prefix
 from .jail import enabled as jail_enabled
 from .jail import for_box as jail_for_box
 from .qemu_features import probe
@@ -116,8 +117,11 @@ class QemuEngine(Engine):
             # DESIGN.md, "Snapshots": a template writes its RAM through to the file; a restored VM maps it
             # copy-on-write, so that its pages are shared with every other VM restored from it.
             share = "off" if spec.restore_state else "on"
+            # A clone opens its template's file read-only where qemu can (8.2+): then even a compromised clone
+            # cannot write the RAM its template's other clones start from.
+            readonly = ",readonly=on,rom=off" if self._clone_ram_read_only(spec) else ""
             args += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={spec.ram_file},"
-                                f"share={share}"]
+                                f"share={share}{readonly}"]
             machine += ",memory-backend=mem"
         elif spec.shares:
             # vhost-user-fs needs guest RAM the virtiofsd process can map.
@@ -169,6 +173,9 @@ class QemuEngine(Engine):
             args += jail.qemu_options()
         return args
 
+    def _clone_ram_read_only(self, spec: LaunchSpec) -> bool:
+        return spec.restore_state is not None and self.features.private_ram_read_only()
+
     def jail(self, spec: LaunchSpec) -> Jail:
         return jail_for_box(spec.box_dir, self.features.has_sandbox(SANDBOX_OPTIONS))
 
@@ -197,7 +204,7 @@ class QemuEngine(Engine):
                 spec.socket_dir.mkdir(parents=True, exist_ok=True)
             for i, share in enumerate(spec.shares):
                 sock = spec.socket_dir / f"fs{i}.sock"
-                helpers.append(_start_virtiofsd(share, sock, spec.box_dir / f"fs{i}.log", spec.box_dir / f"view{i}"))
+                helpers.append(_start_virtiofsd(share, sock, spec.box_dir, i, jail))
                 sockets.append(sock)
             shares = []
             for i, (sock, helper) in enumerate(zip(sockets, helpers)):
@@ -210,8 +217,10 @@ class QemuEngine(Engine):
                           qemu_monitor.fileno() if qemu_monitor else None, disks, shares)
             argv = self.argv(spec, fds, jail)
             bios, _ = self.features.boot_firmware()
-            argv = jail.wrap(argv, spec.box_dir, readable=[spec.vmlinux, spec.initramfs, *([bios] if bios else [])],
-                             writable=[spec.ram_file] if spec.ram_file is not None else [],
+            ram = [spec.ram_file] if spec.ram_file is not None else []
+            ram_read_only = self._clone_ram_read_only(spec)
+            readable = [spec.vmlinux, spec.initramfs, *([bios] if bios else []), *(ram if ram_read_only else [])]
+            argv = jail.wrap(argv, spec.box_dir, readable=readable, writable=[] if ram_read_only else ram,
                              devices=(KVM_DEVICE,) if self.accel == "kvm" else ())
             # The network namespace is entered first, then the jail: each step execs the next, down to qemu.
             argv = (net.prefix if net else []) + argv
@@ -313,19 +322,25 @@ def _restore(qmp: Qmp, state: int) -> None:
     qmp.wait_migration(MIGRATION_TIMEOUT)
 
 
-def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> subprocess.Popen:
-    """virtiofsd for `share`; `view` is an empty directory a read-only share is bound onto, privately."""
+def _start_virtiofsd(share: Share, sock: Path, box_dir: Path, index: int, jail: Jail) -> subprocess.Popen[bytes]:
+    """virtiofsd for share `index` of the box in `box_dir`, listening at `sock`: unprivileged in a user
+    namespace of its own where the jail allows it (fsjail.py), else with the runner's uid."""
     binary = find_virtiofsd()
     help_text = _help_text(binary)
     source, wrapper, extra = share.host, [], []
+    jailed = virtiofsd_prefix(jail, box_dir, index, share.host, sock, share.readonly or share.tree is not None)
     if share.tree is not None:
         wrapper = _composed_tree_wrapper(share)
-    elif share.readonly:
+    if jailed is not None:
+        # The share (read-only if it is) is at fsjail's mount point, and the socket its descriptor.
+        source, wrapper = Path(MOUNT_POINT), [*wrapper, *jailed]
+    elif share.readonly and share.tree is None:
         # Enforced on the host: the guest controls its own mount flags, so they prove nothing.
         if os.geteuid() == 0 and shutil.which("unshare"):
             # A read-only bind of the directory in a mount namespace of the server's own. Bound onto another
             # directory, not onto itself: the server's socket may live below the shared directory (a runtime
             # home inside the project) and must stay writable.
+            view = box_dir / f"view{index}"
             view.mkdir(parents=True, exist_ok=True)
             source = view
             script = 'mount --bind -o ro "$0" "$1" && shift && exec "$@"'
@@ -338,12 +353,12 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
                 f"cannot share {share.host} read-only: this virtiofsd has no --readonly and binding it read-only "
                 "needs root; run as root, install a newer virtiofsd, or share the volume read-write"
             )
+    socket_arg = [] if jailed is not None else [f"--socket-path={sock}"]
     # A composed view of the host (the host image's root) is read by everything the box runs: let the guest
     # cache it. Volumes are not cached: the host may change their files while the box runs.
     cached = share.tree is not None
     if "--shared-dir" in help_text:  # the Rust virtiofsd (Debian 13)
-        argv = [binary, f"--socket-path={sock}", f"--shared-dir={source}",
-                f"--cache={'always' if cached else 'never'}", *extra]
+        argv = [binary, *socket_arg, f"--shared-dir={source}", f"--cache={'always' if cached else 'never'}", *extra]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
         if "--seccomp" in help_text and jail_enabled():
@@ -354,12 +369,14 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
             # with EREMOTE ("Object is remote"). Unannounced, they read as part of the one shared tree.
             argv.append("--no-announce-submounts")
     else:  # the C virtiofsd bundled with qemu 7.2
-        argv = [binary, f"--socket-path={sock}", "-o", f"source={source}",
-                "-o", f"cache={'always' if cached else 'none'}"]
+        argv = [binary, *socket_arg, "-o", f"source={source}", "-o", f"cache={'always' if cached else 'none'}"]
+        if jailed is not None:
+            # Its default raises the descriptor limit to 1M: a user namespace may not raise the hard limit.
+            argv.append("--rlimit-nofile=0")
     argv = [*wrapper, *argv]
     log.debug("starting %s", " ".join(argv))
-    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"),
-                         no_new_privs=jail_enabled())
+    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=open(box_dir / f"fs{index}.log", "wb"), no_new_privs=jail_enabled())
 
 
 @functools.lru_cache(maxsize=4)
