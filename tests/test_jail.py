@@ -4,18 +4,22 @@ virtiofsd of real boxes: a booted box, a box restored from its boot snapshot, a 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from vmm import BoxOptions
 from vmm.engines import jail
-from vmm.engines.qemu import SANDBOX_OPTIONS, find_qemu
-from vmm.engines.qemu_features import parse_sandbox_options, probe
+from vmm.engines.qemu import find_qemu
+from vmm.engines.qemu_features import QemuFeatures, probe
 from vmm.errors import ConfigError
 
-DATA = Path(__file__).parent / "data" / "qemu"
 ROOT_RUNNER = os.geteuid() == 0
 HOME = Path(os.path.expanduser("~")).resolve()
 
@@ -59,17 +63,17 @@ def assert_qemu_jailed(box, other_box=None) -> Path:
     return root
 
 
-def test_parse_sandbox_options_from_qemu_help():
-    assert parse_sandbox_options((DATA / "7.2" / "help.txt").read_text()) == set(SANDBOX_OPTIONS)
-    # A qemu built without seccomp has no -sandbox line at all.
-    assert parse_sandbox_options("-serial dev  redirect the serial port\n-name string\n") == frozenset()
+def features(sandbox: frozenset[str] = frozenset(jail.SANDBOX_OPTIONS),
+             ram_file_options: frozenset[str] = frozenset({"readonly", "rom", "share"})) -> QemuFeatures:
+    return QemuFeatures("/usr/bin/qemu-system-x86_64", frozenset(), frozenset(), None, False, None, sandbox,
+                        ram_file_options)
 
 
 def test_jail_off_is_said_and_on_is_the_default(monkeypatch):
     monkeypatch.delenv(jail.ENV, raising=False)
     assert jail.enabled()
     monkeypatch.setenv(jail.ENV, "0")
-    assert [p.active for p in jail.status(True)] == [False]
+    assert [p.active for p in jail.status(features())] == [False]
     monkeypatch.setenv(jail.ENV, "perhaps")
     with pytest.raises(ConfigError, match="BOXLITE_JAIL='perhaps'.*say 1"):
         jail.enabled()
@@ -81,16 +85,61 @@ def test_jail_off_is_said_and_on_is_the_default(monkeypatch):
 
 def test_status_says_why_a_part_is_missing(monkeypatch):
     monkeypatch.delenv(jail.ENV, raising=False)
-    parts = {p.name: p for p in jail.status(seccomp_available=False)}
+    parts = {p.name: p for p in jail.status(features(sandbox=frozenset(), ram_file_options=frozenset({"share"})))}
     assert not parts["seccomp"].active and "without seccomp" in parts["seccomp"].detail
+    assert not parts["template RAM"].active and "read-write" in parts["template RAM"].detail
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    jail.namespace_problem.cache_clear()  # asked again, as the uid 1000 runner
+    monkeypatch.setattr(jail.process, "which", lambda tool: None if tool == "pivot_root" else f"/usr/bin/{tool}")
+    jail.namespace_problem.cache_clear()  # asked again, as a uid 1000 runner without pivot_root
     try:
-        parts = {p.name: p for p in jail.status(seccomp_available=True)}
+        parts = {p.name: p for p in jail.status(features())}
     finally:
         jail.namespace_problem.cache_clear()
     assert parts["uid"].active and "not root" in parts["uid"].detail
-    assert not parts["mount namespace"].active and "needs root" in parts["mount namespace"].detail
+    assert not parts["mount namespace"].active
+    assert parts["mount namespace"].detail == "pivot_root missing: install util-linux and mount"
+
+
+# Run as an unprivileged user: a box restored from its boot snapshot, and what /proc says of its qemu.
+UNPRIVILEGED_RUN = """
+import json, os, sys
+from pathlib import Path
+from vmm import BoxOptions, Runtime
+with Runtime() as rt, rt.create(BoxOptions()) as box:
+    pid = box._vm.pid
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    json.dump({"echo": box.exec("echo", "hi").stdout.decode(), "restored": box._vm.spec.restore_state is not None,
+               "uid": os.getuid(), "pid": pid, "box_dir": str(box.directory),
+               **{k: fields[k].split() for k in ("Uid", "Seccomp", "NoNewPrivs", "CapEff")},
+               "root": sorted(os.listdir(f"/proc/{pid}/root")),
+               "ram_file_seen": os.path.isfile(f"/proc/{pid}/root{box._vm.spec.ram_file}")}, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(not ROOT_RUNNER, reason="needs root to run a box as another, unprivileged user")
+def test_unprivileged_runner_gets_a_jailed_qemu(runtime):
+    """A runner that is not root (nobody): qemu keeps its uid, with seccomp, no_new_privs, no capabilities,
+    and a mount namespace (in a user namespace) that holds its VM's files only."""
+    home = Path(tempfile.mkdtemp(prefix="boxlite-unprivileged-"))  # in /tmp: reachable by nobody
+    try:
+        # The built default image (nobody does not build it): cp keeps the image files sparse.
+        subprocess.run(["cp", "-a", "--sparse=always", *(str(runtime.home.root / part) for part in
+                                                         ("images", "kernels", "agent")), str(home)], check=True)
+        subprocess.run(["chown", "-R", "nobody:nogroup", str(home)], check=True)
+        env = {**os.environ, "BOXLITE_HOME": str(home), "HOME": str(home)}
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                               "-c", UNPRIVILEGED_RUN], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        facts = json.loads(done.stdout)
+    finally:
+        shutil.rmtree(home)
+    assert facts["echo"] == "hi\n" and facts["restored"] and facts["uid"] == 65534
+    assert facts["Uid"] == ["65534"] * 4 and facts["Seccomp"] == ["2"] and facts["NoNewPrivs"] == ["1"]
+    assert facts["CapEff"] == ["0000000000000000"]
+    # Its root: /usr (and the links into it), /dev, and the path down to its own files.
+    assert facts["root"] == sorted(["bin", "dev", "lib", "lib64", "sbin", "tmp", "usr"]), facts["root"]
+    assert facts["ram_file_seen"]
+    assert not Path(facts["box_dir"]).exists(), "the run left its box behind"
 
 
 def test_booted_box_runs_jailed(runtime, shared_box):

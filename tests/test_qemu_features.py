@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from vmm.engines.qemu import find_qemu
-from vmm.engines.qemu_features import QemuFeatures, find_firmware, parse_devices, parse_machine_options, probe
+from vmm.engines.jail import SANDBOX_OPTIONS
+from vmm.engines.qemu_features import (
+    QemuFeatures,
+    find_firmware,
+    parse_devices,
+    parse_machine_options,
+    parse_object_options,
+    parse_sandbox_options,
+    probe,
+)
 from vmm.errors import EngineUnavailable
 
 DATA = Path(__file__).parent / "data" / "qemu"
@@ -23,6 +32,21 @@ def test_recorded_help_parses(release):
             "vhost-user-fs-device", "virtio-blk-pci"} <= devices
     assert "microvm" not in machine and "bus" not in devices  # only names, nothing of the descriptions
     assert features(machine, devices).missing(("vhost-user-fs-device", "virtio-net-device")) == []
+
+
+@pytest.mark.parametrize("release", ["7.2", "10.0"])
+def test_recorded_help_has_the_jails_seccomp_filter(release: str) -> None:
+    assert parse_sandbox_options((DATA / release / "help.txt").read_text()) == set(SANDBOX_OPTIONS)
+    # A qemu built without seccomp has no -sandbox line at all.
+    assert parse_sandbox_options("-serial dev  redirect the serial port\n-name string\n") == frozenset()
+
+
+@pytest.mark.parametrize(("release", "read_only"), [("7.2", False), ("10.0", True)])
+def test_a_clone_opens_the_ram_file_read_only_from_qemu_8_2(release: str, read_only: bool) -> None:
+    options = parse_object_options((DATA / release / "memory-backend-file.txt").read_text())
+    assert {"mem-path", "share", "readonly"} <= options  # 7.2 has readonly=, but it makes the RAM a ROM
+    assert QemuFeatures("qemu", frozenset(), frozenset(), None, False, None,
+                        ram_file_options=options).private_ram_read_only() is read_only
 
 
 def test_qemu_10_has_options_7_2_lacks():

@@ -19,7 +19,7 @@ from ..errors import BoxError, EngineUnavailable
 from . import KVM_DEVICE, network
 from .base import Disk, Engine, LaunchSpec, ProcessVM, Share
 from .fsjail import MOUNT_POINT
-from .jail import Jail, virtiofsd_prefix
+from .jail import SANDBOX_OPTIONS, Jail, virtiofsd_prefix
 from .jail import enabled as jail_enabled
 from .jail import for_box as jail_for_box
 from .qemu_features import probe
@@ -51,8 +51,6 @@ TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+rdrand,+arat"
 # exec maps the loader and libc somewhere new, and they are translated again. Without it (measured) a
 # command starts about 3x faster and python about 20%. The VM isolates the box, not the guest's ASLR.
 TCG_CMDLINE = "norandmaps"
-# The seccomp filter's options qemu must know for the jail to use it (vmm/engines/jail.py).
-SANDBOX_OPTIONS = ("on", "obsolete", "elevateprivileges", "spawn", "resourcecontrol")
 
 
 def find_qemu() -> str:
