@@ -114,12 +114,12 @@ class QemuEngine(Engine):
                 raise BoxError("a VM with virtiofs shares cannot be snapshotted: give volumes as image files")
             # DESIGN.md, "Snapshots": a template writes its RAM through to the file; a restored VM maps it
             # copy-on-write, so that its pages are shared with every other VM restored from it.
-            share = "off" if spec.restore_state else "on"
+            shared = "off" if spec.restore_state else "on"
             # A clone opens its template's file read-only where qemu can (8.2+): then even a compromised clone
             # cannot write the RAM its template's other clones start from.
             readonly = ",readonly=on,rom=off" if self._clone_ram_read_only(spec) else ""
             args += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={spec.ram_file},"
-                                f"share={share}{readonly}"]
+                                f"share={shared}{readonly}"]
             machine += ",memory-backend=mem"
         elif spec.shares:
             # vhost-user-fs needs guest RAM the virtiofsd process can map.
@@ -147,7 +147,7 @@ class QemuEngine(Engine):
         args += ["-chardev", f"socket,id=con,fd={fds.console}", "-serial", "chardev:con"]
         args += ["-chardev", f"socket,id=ch0,fd={fds.channel}"]
         args += ["-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=boxlite.0"]
-        for i, (disk, disk_fds) in enumerate(zip(spec.disks, fds.disks)):
+        for i, (disk, disk_fds) in enumerate(zip(spec.disks, fds.disks, strict=True)):
             # Opened by the runtime and inherited: a jailed qemu needs no path to (or right on) the file.
             for fd in disk_fds:
                 args += ["-add-fd", f"fd={fd},set={i + 1}"]
@@ -160,7 +160,7 @@ class QemuEngine(Engine):
             for port in spec.ports:
                 netdev += f",hostfwd={port.protocol}:127.0.0.1:{port.host}-:{port.guest}"
             args += ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0"]
-        for i, (share, sock) in enumerate(zip(spec.shares, fds.shares)):
+        for i, (share, sock) in enumerate(zip(spec.shares, fds.shares, strict=True)):
             args += ["-chardev", f"socket,id=fs{i},fd={sock}"]  # connected to virtiofsd by the runtime
             args += ["-device", f"vhost-user-fs-device,chardev=fs{i},tag={share.tag}"]
         if fds.monitor is not None:
@@ -181,7 +181,7 @@ class QemuEngine(Engine):
         spec.box_dir.mkdir(parents=True, exist_ok=True)
         jail = self.jail(spec)
         console = ConsoleLog(spec.console_log)
-        helpers: list[subprocess.Popen] = []
+        helpers: list[subprocess.Popen[bytes]] = []
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         monitor = qemu_monitor = None
         if spec.ram_file is not None:
@@ -205,7 +205,7 @@ class QemuEngine(Engine):
                 helpers.append(_start_virtiofsd(share, sock, spec.box_dir, i, jail))
                 sockets.append(sock)
             shares = []
-            for i, (sock, helper) in enumerate(zip(sockets, helpers)):
+            for i, (sock, helper) in enumerate(zip(sockets, helpers, strict=True)):
                 _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
                 shares.append(_connect(sock, files))
             if spec.network == "internet":
@@ -403,14 +403,15 @@ def _composed_tree_wrapper(share: Share) -> list[str]:
         lines.append(f"mkdir -p {q(root + path)}")
     for path in tree.masks:
         # An empty read-only tmpfs over a directory, the empty file over a file: nothing to read below.
-        lines.append(f"if [ -d {q(root + path)} ]; then mount -t tmpfs -o ro,mode=0755,size=4k none {q(root + path)}; "
-                     f"elif [ -e {q(root + path)} ]; then mount --bind -o ro {q(root)}/.boxlite-empty {q(root + path)}; fi")
+        masked = q(root + path)
+        lines.append(f"if [ -d {masked} ]; then mount -t tmpfs -o ro,mode=0755,size=4k none {masked}; "
+                     f"elif [ -e {masked} ]; then mount --bind -o ro {q(root)}/.boxlite-empty {masked}; fi")
     lines.append(f"mount -o remount,ro {q(root)}")
     lines.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
 
 
-def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeout: float = 10.0) -> None:
+def _wait_for_socket(path: Path, helper: subprocess.Popen[bytes], log_file: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if helper.poll() is not None:
@@ -421,7 +422,7 @@ def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeo
 
 
 class QemuVM(ProcessVM):
-    def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
+    def __init__(self, proc: subprocess.Popen[bytes], helpers: list[subprocess.Popen[bytes]], channel: socket.socket,
                  console: ConsoleLog, spec: LaunchSpec, qmp: Qmp | None = None) -> None:
         super().__init__(proc, helpers, channel, spec)
         self.console = console
