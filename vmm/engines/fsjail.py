@@ -26,6 +26,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 MOUNT_POINT = "/run"
@@ -65,31 +66,19 @@ def _check(result: int, what: str) -> int:
 
 
 def _user_namespace(uid_map: str, gid_map: str) -> int:
-    """A descriptor of a new user namespace with these maps (a child made it and wrote nothing else)."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: unshare, say so, wait to be ended
-        try:
-            os.close(ready_r)
-            os.close(done_w)
-            _check(_libc.unshare(_CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-            os.write(ready_w, b"1")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
+    """A descriptor of a new user namespace with these maps (a child makes it and waits to be ended)."""
+    child = subprocess.Popen(["unshare", "--user", "--", "sh", "-c", "echo made && read _"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise OSError(0, "could not make a user namespace")
-        _write(f"/proc/{pid}/uid_map", uid_map)
-        _write(f"/proc/{pid}/gid_map", gid_map)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        assert child.stdout is not None
+        if child.stdout.readline() != b"made\n":
+            raise OSError(0, "could not make a user namespace (unshare --user)")
+        _write(f"/proc/{child.pid}/uid_map", uid_map)
+        _write(f"/proc/{child.pid}/gid_map", gid_map)
+        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(done_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
+        child.kill()
+        child.wait()
 
 
 def _write(path: str, text: str) -> None:
@@ -115,38 +104,32 @@ def idmapped_view(source: str, uid: int, gid: int, readonly: bool) -> int:
 
 
 def enter_user_namespace(uid: int, gid: int) -> None:
-    """Become root of a new user namespace that is `uid`/`gid` on the host (a child writes the maps)."""
-    parent = os.getpid()
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(ready_w)
-            if os.read(ready_r, 1) == b"1":
-                _write(f"/proc/{parent}/uid_map", f"0 {uid} 1\n")
-                _write(f"/proc/{parent}/gid_map", f"0 {gid} 1\n")
-                code = 0
-        finally:
-            os._exit(code)
-    os.close(ready_r)
+    """Become root of a new user namespace that is `uid`/`gid` on the host (a child, still root on the host,
+    writes the maps once this process has made it)."""
+    me = os.getpid()
+    writer = subprocess.Popen(["sh", "-c", f'read _ && echo "0 {uid} 1" > /proc/{me}/uid_map && '
+                                           f'echo "0 {gid} 1" > /proc/{me}/gid_map'], stdin=subprocess.PIPE)
+    assert writer.stdin is not None
     try:
         _check(_libc.unshare(_CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-        os.write(ready_w, b"1")
+        writer.stdin.write(b"go\n")
     finally:
-        os.close(ready_w)
-        _, status = os.waitpid(pid, 0)
-    if status:
-        raise OSError(0, f"could not map uid {uid} into virtiofsd's user namespace")
+        writer.stdin.close()
+        if writer.wait():
+            raise OSError(0, f"could not map uid {uid} into virtiofsd's user namespace")
     os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def jail(source: str, uid: int, gid: int, readonly: bool) -> None:
+def _private_mount_namespace() -> None:
     _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "a private mount namespace")
+
+
+def jail(source: str, uid: int, gid: int, readonly: bool) -> None:
+    _private_mount_namespace()
     tree = idmapped_view(source, uid, gid, readonly)
     _check(_libc.syscall(_SYS_MOVE_MOUNT, tree, b"", -100, MOUNT_POINT.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
            f"move_mount to {MOUNT_POINT}")
@@ -155,18 +138,14 @@ def jail(source: str, uid: int, gid: int, readonly: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--probe"]:  # can `source` be served this way here? (in a child: nothing stays mounted)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-                _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "a private mount namespace")
-                os.close(idmapped_view(argv[1], 65534, 65534, True))
-                os._exit(0)
-            except OSError as exc:
-                print(exc.strerror or exc, file=sys.stderr)
-                os._exit(FAILED)
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if argv[:1] == ["--probe"]:  # can `source` be served this way here? (in this process's own namespace)
+        try:
+            _private_mount_namespace()
+            os.close(idmapped_view(argv[1], 65534, 65534, True))
+        except OSError as exc:
+            print(exc.strerror or exc, file=sys.stderr)
+            return FAILED
+        return 0
     source, sock_path, uid, gid, readonly, dashes, *command = argv
     if dashes != "--" or not command:
         print("usage: fsjail.py SOURCE SOCKET UID GID READONLY -- COMMAND...", file=sys.stderr)
