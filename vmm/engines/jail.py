@@ -8,9 +8,14 @@ Four parts, each applied when the host allows it and reported by `status()` (`bo
 - an unprivileged uid when the runner is root: each box its own uid (and gid) in a range nothing else
   uses, plus one group shared by jailed VMMs, the group of template RAM files (see `ram_file_mode`);
 - a mount namespace holding only what the VM needs: qemu's /usr (binaries, libraries, firmware), a few
-  device nodes, the kernel and initramfs, the box's own directory and the RAM file of its snapshot,
-  all at their host paths (a template and its restored clones see the same paths). Disks, sockets and
-  the snapshot state reach qemu as open file descriptors, not as paths.
+  device nodes, the kernel and initramfs, the box's own directory and the RAM file of its snapshot
+  (read-only for a restored clone where qemu can open it so), all at their host paths (a template and
+  its restored clones see the same paths). Disks, sockets and the snapshot state reach qemu as open file
+  descriptors, not as paths. When the runner is not root, the namespace is made inside an unprivileged
+  user namespace whose only uid is the runner's.
+
+virtiofsd has its own sandbox; when the runner is root it runs as another uid of the range, root of a user
+namespace of its own only (`virtiofsd_prefix`, fsjail.py).
 
 The namespace and the uid change are made by util-linux tools exec'd in turn by the child, so that the
 process the runtime started *is* qemu (its pid, exit status and memory are qemu's): `unshare` (a private

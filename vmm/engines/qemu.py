@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 QEMU_FIX = "install it with `sudo apt-get install qemu-system-x86` (or run `make setup`), or set BOXLITE_QEMU"
 VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 
-# Measured under TCG (DESIGN.md, "Boot tuning"): each of these shaves boot time without weakening the sandbox.
+# Measured under TCG: each of these shaves boot time without weakening the sandbox.
 # loglevel=1, not 0: at 0 a panic cannot raise the console level, and its message never reaches the log.
 CMDLINE = (
     "console=ttyS0 quiet loglevel=1 panic=-1 tsc=reliable no_timer_check mitigations=off nokaslr "
@@ -112,7 +112,7 @@ class QemuEngine(Engine):
         if spec.ram_file is not None:
             if spec.shares:
                 raise BoxError("a VM with virtiofs shares cannot be snapshotted: give volumes as image files")
-            # DESIGN.md, "Snapshots": a template writes its RAM through to the file; a restored VM maps it
+            # A template writes its RAM through to the file (docs/snapshots.md); a restored VM maps it
             # copy-on-write, so that its pages are shared with every other VM restored from it.
             shared = "off" if spec.restore_state else "on"
             # A clone opens its template's file read-only where qemu can (8.2+): then even a compromised clone
@@ -305,7 +305,7 @@ def _connect(sock: Path, files: list[int]) -> int:
     return fd
 
 
-MIGRATION_TIMEOUT = 60.0  # saving is ~10 ms and loading ~40 ms (DESIGN.md); a slow disk may take longer
+MIGRATION_TIMEOUT = 60.0  # saving is ~10 ms and loading ~40 ms (measured); a slow disk may take longer
 
 
 def _ignore_shared(qmp: Qmp) -> None:
