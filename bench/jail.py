@@ -5,7 +5,8 @@ load.
 - restore: `Runtime.restore()` of a template and the first exec of `true` after it;
 - per test: what a `scope="test"` box costs a test: create, start (restored from its boot snapshot),
   run `true`, remove;
-- cold boot: create and boot without a snapshot (`snapshots=False`), first exec of `true`.
+- cold boot: create and boot without a snapshot (`snapshots=False`), first exec of `true`;
+- volume: the same with a directory volume (its virtiofsd jailed or not), and a file written through it.
 Medians over `--runs` (default 10; cold boots `--boots`, default 3) per side.
 """
 
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
 from _common import report, runtime
 
-from vmm import BoxOptions
+from vmm import BoxOptions, Volume
 from vmm.engines import jail
 
 
@@ -45,9 +47,15 @@ def main() -> None:
             with rt.create(box_options, snapshots=False) as box:
                 box.exec("true")
 
+        def volume() -> None:
+            with tempfile.TemporaryDirectory() as shared, \
+                    rt.create(box_options, volumes=(Volume(shared, "/mnt/v", "rw"),)) as box:
+                box.exec("sh", "-c", "echo x > /mnt/v/f")
+
         for name, work, runs in (("restore + first exec", restore, options.runs),
                                  ("per-test box (create, start, exec, remove)", per_test, options.runs),
-                                 ("cold boot + first exec", cold, options.boots)):
+                                 ("cold boot + first exec", cold, options.boots),
+                                 ("volume box (boot, write through virtiofs)", volume, options.boots)):
             samples = alternate(work, runs)
             for mode in ("on", "off"):
                 report(f"{name}, jail {mode}", samples[mode], "ms", 1000)

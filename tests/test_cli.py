@@ -97,11 +97,11 @@ def test_doctor(tmp_path: Path) -> None:
     result = boxlite(tmp_path, "doctor")
     lines = result.stdout.splitlines()
     names = [line.split()[1] for line in lines if line[:4] in ("OK  ", "WARN", "FAIL")]
-    assert names == ["KVM", "engine", "qemu", "kernel", "virtiofsd", *["jail:"] * 5, "busybox", "mkfs.ext4",
+    assert names == ["KVM", "engine", "qemu", "kernel", "virtiofsd", *["jail:"] * 6, "busybox", "mkfs.ext4",
                      "network", "cache", "home", "snapshots"], result.stderr
     assert "enforced: a network namespace per box" in result.stdout  # the policy's tools are installed here
     jail = {line.split()[2]: line for line in lines if line[6:11] == "jail:"}
-    assert jail.keys() == {"seccomp", "no_new_privs", "uid", "mount", "virtiofsd"}
+    assert jail.keys() == {"seccomp", "no_new_privs", "template", "uid", "mount", "virtiofsd"}
     assert jail["seccomp"].startswith("OK") and "-sandbox on,obsolete=deny" in jail["seccomp"]  # Debian's qemu
     assert "snapshots" in result.stdout and "restored from boot snapshots" in result.stdout  # qemu here
     failed = [line for line in lines if line.startswith("FAIL")]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vmm import BoxOptions
+import pytest
+
+from vmm import BoxOptions, Runtime, Volume
 from vmm.volumes import directory_image
 
 pytest_plugins = ["pytester"]
@@ -35,13 +37,13 @@ def _allocated(*roots: Path) -> int:
     return total
 
 
-def test_filling_the_disk_stays_in_the_box(runtime, tmp_path):
+def test_filling_the_disk_stays_in_the_box(runtime: Runtime, tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
     (project / "test_x.py").write_text("def test_x(): pass\n")
     # As the plugin mounts a project for boxes restored from snapshots: an ext4 image of it, copy-on-write.
     options = BoxOptions(memory_mib=MEMORY_MIB, network=False,
-                         volumes=[(str(directory_image(project, runtime.home.root)), str(project), "cow")])
+                         volumes=(Volume(str(directory_image(project, runtime.home.root)), str(project), "cow"),))
     with runtime.create(options) as box:
         before = _allocated(runtime.home.root, tmp_path)
         done = box.exec("sh", "-c", FILL, str(project), timeout=300)
@@ -82,7 +84,8 @@ def test_next_has_its_disk(tmp_path):
 """
 
 
-def test_a_boxed_test_that_fills_the_disk_fails_only_itself(pytester, monkeypatch, runtime):
+def test_a_boxed_test_that_fills_the_disk_fails_only_itself(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                             runtime: Runtime) -> None:
     monkeypatch.setenv("BOXLITE_HOME", str(runtime.home.root))  # pytester moves HOME; keep the image cache
     pytester.makepyfile(test_fill=PLUGIN_TESTS)
     result = pytester.runpytest_subprocess("--boxlite", "-p", "no:cacheprovider", "-v")

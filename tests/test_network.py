@@ -13,12 +13,14 @@ import socket
 import subprocess
 import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, get_with_retries, vm_processes
-from vmm import BoxOptions
+from vmm import Box, BoxOptions, Port, Runtime
 from vmm.engines import network
 from vmm.errors import ConfigError
 
@@ -76,8 +78,11 @@ class _Banner(threading.Thread):
                 conn.sendall(self.text.encode())
 
 
+Servers = tuple[_Banner, _Banner]  # allowed, other
+
+
 @pytest.fixture(scope="module")
-def host_servers():
+def host_servers() -> Iterator[Servers]:
     allowed, other = _Banner("allowed"), _Banner("other")
     yield allowed, other
     allowed.sock.close()
@@ -91,7 +96,7 @@ class Peer:
     def __init__(self) -> None:
         tag = f"{os.getpid() % 100000}"
         self.ns, self.host_if, self.peer_if = f"bxnet{tag}", f"bxh{tag}", f"bxp{tag}"
-        self.server: subprocess.Popen | None = None
+        self.server: subprocess.Popen[str] | None = None
 
     def ip(self, *args: str, ns: bool = False) -> str:
         argv = ["ip", *(["-n", self.ns] if ns else []), *args]
@@ -134,7 +139,7 @@ class Peer:
         """TCP packets that reached the peer for its server's port (SYNs included), so far."""
         out = subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-j", "list", "counter", "ip", "peer", "arrived"],
                              check=True, capture_output=True, text=True).stdout
-        return next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item)
+        return int(next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item))
 
     def targets(self) -> list[str]:
         return [f"{proto}{address}:{PEER_PORT}" for address in (PRIVATE[1], LINK_LOCAL[1]) for proto in ("", "udp:")]
@@ -148,7 +153,7 @@ class Peer:
 
 
 @pytest.fixture(scope="module")
-def peer():
+def peer() -> Iterator[Peer]:
     made = Peer()
     try:
         made.setup()
@@ -157,14 +162,16 @@ def peer():
         made.teardown()
 
 
-def _probe(box, *targets: str) -> dict[str, str]:
+def _probe(box: Box, *targets: str) -> dict[str, str]:
     done = box.exec("python3", "-c", PROBE, *targets, timeout=180)
     assert done.exit_code == 0, done.stderr
-    return json.loads(done.stdout)
+    seen: dict[str, str] = json.loads(done.stdout)
+    return seen
 
 
 @pytest.mark.parametrize("snapshots", [True, False], ids=["restored", "booted"])
-def test_internet_reaches_allowed_host_ports_only_and_nothing_private(runtime, host_servers, peer, snapshots):
+def test_internet_reaches_allowed_host_ports_only_and_nothing_private(runtime: Runtime, host_servers: Servers,
+                                                                      peer: Peer, snapshots: bool) -> None:
     allowed, other = host_servers
     before = runtime.metrics()
     options = BoxOptions(host_ports=(allowed.port,), snapshots=snapshots)  # network="internet": the default
@@ -187,7 +194,8 @@ def test_internet_reaches_allowed_host_ports_only_and_nothing_private(runtime, h
     assert vm_processes(box_id) == []  # neither qemu nor pasta outlives the box
 
 
-def test_full_reaches_the_host_loopback_and_private_addresses(runtime, host_servers, peer):
+def test_full_reaches_the_host_loopback_and_private_addresses(runtime: Runtime, host_servers: Servers,
+                                                              peer: Peer) -> None:
     allowed, other = host_servers
     arrived = peer.arrived()
     with runtime.create(BoxOptions(network="full")) as box:
@@ -198,7 +206,7 @@ def test_full_reaches_the_host_loopback_and_private_addresses(runtime, host_serv
     peer.accepted.clear()
 
 
-def test_none_has_no_interface_but_lo(runtime, host_servers, peer):
+def test_none_has_no_interface_but_lo(runtime: Runtime, host_servers: Servers, peer: Peer) -> None:
     allowed, _ = host_servers
     arrived = peer.arrived()
     with runtime.create(BoxOptions(network=False)) as box:
@@ -208,28 +216,29 @@ def test_none_has_no_interface_but_lo(runtime, host_servers, peer):
     assert peer.arrived() == arrived
 
 
-def test_ports_forward_into_an_internet_box(runtime):
+def test_ports_forward_into_an_internet_box(runtime: Runtime) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         host_port = s.getsockname()[1]
-    with runtime.create(BoxOptions(ports=(f"{host_port}:8000",))) as box:
+    with runtime.create(BoxOptions(ports=(Port.parse(f"{host_port}:8000"),))) as box:
         serve = box.spawn("python3", "-m", "http.server", "8000", "-d", "/etc")
         assert "debian_version" in get_with_retries(host_port)
         serve.kill()
 
 
-def test_bad_network_options_are_config_errors(runtime):
-    for bad, message in [
+def test_bad_network_options_are_config_errors(runtime: Runtime) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(network="lan"), "network='lan' is invalid: use 'internet'"),
         (dict(network=False, host_ports=(5432,)), "host_ports need network='internet'"),
         (dict(host_ports=(0,)), "host_ports: port=0 is out of range"),
         (dict(host_ports="5432"), "give a list of port numbers"),
-    ]:
+    ]
+    for bad, message in cases:
         with pytest.raises(ConfigError, match=message):
             runtime.create(BoxOptions(**bad))
 
 
-def test_the_rules_deny_what_is_not_public():
+def test_the_rules_deny_what_is_not_public() -> None:
     rules = network.ruleset([5432], [], ["127.0.0.1", "192.0.2.2", "fd00::2", "2001:db8::2"], ["10.255.255.53"])
     assert "oif lo ip daddr 127.0.0.1 tcp dport { 5432 } accept" in rules
     assert "ip daddr { 10.255.255.53 } meta l4proto { tcp, udp } th dport 53 accept" in rules
@@ -269,7 +278,8 @@ finally:
 
 @pytest.mark.skipif(not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK),
                     reason="needs setpriv and /usr/bin/python3")
-def test_a_runner_that_is_not_root_gets_the_policy_in_a_user_namespace(host_servers, peer, tmp_path):
+def test_a_runner_that_is_not_root_gets_the_policy_in_a_user_namespace(host_servers: Servers, peer: Peer,
+                                                                       tmp_path: Path) -> None:
     allowed, other = host_servers
     site = sysconfig.get_paths()["purelib"]  # this venv's packages (filelock, ...), readable by others
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": f"{ROOT}:{site}"}

@@ -316,11 +316,11 @@ def doctor_checks(home: Home) -> list[Check]:
 def _jail_checks() -> list[Check]:
     """Which parts of the VMM jail are active, and why any is not: a warning, not a failure."""
     from vmm.engines import jail
-    from vmm.engines.qemu import SANDBOX_OPTIONS, find_qemu
+    from vmm.engines.qemu import find_qemu
     from vmm.engines.qemu_features import probe
 
     try:
-        parts = jail.status(probe(find_qemu()).has_sandbox(SANDBOX_OPTIONS))
+        parts = jail.status(probe(find_qemu()))
     except BoxliteError as exc:
         return [Check("jail", False, str(exc).splitlines()[0], "see the qemu check above", warn_only=True)]
     return [Check(f"jail: {p.name}", p.active, p.detail, "see docs/security-vmm.md", warn_only=True) for p in parts]

@@ -18,6 +18,7 @@ VMM) in it. Nothing outlives the VM: the namespace goes when its last process (t
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import subprocess
@@ -81,7 +82,7 @@ class Namespace:
 
     fd: int
     user_fd: int | None
-    pasta: subprocess.Popen
+    pasta: subprocess.Popen[bytes]
     pid_file: Path
 
     @property
@@ -163,7 +164,7 @@ def _make_namespace(rules: Path) -> tuple[int, int | None]:
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fds: list[int] = []
     try:
-        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout is not None and child.stdin is not None and child.stderr is not None
         if child.stdout.readline().strip() != "ready":
             child.stdin.close()
             raise EngineUnavailable(f"could not make the box's network namespace: {child.stderr.read()[-1000:]} "
@@ -194,12 +195,14 @@ def ruleset(host_ports: Sequence[int], forwards: Sequence[Port], own: Sequence[s
              # answers on connections pasta forwarded in, and on those let out below
              "    ct state established,related accept"]
     for proto in ("tcp", "udp"):
-        ports = sorted({p.host for p in forwards if p.protocol == proto} | (set(host_ports) if proto == "tcp" else set()))
+        ports = sorted({p.host for p in forwards if p.protocol == proto}
+                       | (set(host_ports) if proto == "tcp" else set()))
         if ports:  # the namespace's loopback: pasta's listeners for host_ports, the VMM's for forwards
             lines.append(f"    oif lo ip daddr 127.0.0.1 {proto} dport {{ {', '.join(map(str, ports))} }} accept")
-    for family, addresses in (("ip", dns4), ("ip6", dns6)):
-        if addresses:
-            lines.append(f"    {family} daddr {{ {', '.join(addresses)} }} meta l4proto {{ tcp, udp }} th dport 53 accept")
+    for family, servers in (("ip", dns4), ("ip6", dns6)):
+        if servers:
+            lines.append(f"    {family} daddr {{ {', '.join(servers)} }} meta l4proto {{ tcp, udp }} th dport 53 "
+                         "accept")
     lines.append(f"    ip daddr {{ {', '.join([*DENIED, *own4])} }} reject")
     lines.append(f"    ip6 daddr != {PUBLIC6} reject")
     if own6:
@@ -213,7 +216,7 @@ def host_addresses() -> list[str]:
     found: set[str] = set()
     try:  # IPv4: the local routes of the kernel's routing trie
         lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        for prev, line in zip(lines, lines[1:]):
+        for prev, line in itertools.pairwise(lines):
             if "/32 host LOCAL" in line:
                 found.add(prev.split()[-1])
     except OSError:

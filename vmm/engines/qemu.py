@@ -18,7 +18,8 @@ from ..console import ConsoleLog, tail
 from ..errors import BoxError, EngineUnavailable
 from . import network
 from .base import KVM_DEVICE, Disk, Engine, LaunchSpec, ProcessVM, Share
-from .jail import Jail
+from .fsjail import MOUNT_POINT
+from .jail import SANDBOX_OPTIONS, Jail, virtiofsd_prefix
 from .jail import enabled as jail_enabled
 from .jail import for_box as jail_for_box
 from .qemu_features import probe
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 QEMU_FIX = "install it with `sudo apt-get install qemu-system-x86` (or run `make setup`), or set BOXLITE_QEMU"
 VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 
-# Measured under TCG (DESIGN.md, "Boot tuning"): each of these shaves boot time without weakening the sandbox.
+# Measured under TCG: each of these shaves boot time without weakening the sandbox.
 # loglevel=1, not 0: at 0 a panic cannot raise the console level, and its message never reaches the log.
 CMDLINE = (
     "console=ttyS0 quiet loglevel=1 panic=-1 tsc=reliable no_timer_check mitigations=off nokaslr "
@@ -50,8 +51,6 @@ TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+rdrand,+arat"
 # exec maps the loader and libc somewhere new, and they are translated again. Without it (measured) a
 # command starts about 3x faster and python about 20%. The VM isolates the box, not the guest's ASLR.
 TCG_CMDLINE = "norandmaps"
-# The seccomp filter's options qemu must know for the jail to use it (vmm/engines/jail.py).
-SANDBOX_OPTIONS = ("on", "obsolete", "elevateprivileges", "spawn", "resourcecontrol")
 
 
 def find_qemu() -> str:
@@ -113,11 +112,14 @@ class QemuEngine(Engine):
         if spec.ram_file is not None:
             if spec.shares:
                 raise BoxError("a VM with virtiofs shares cannot be snapshotted: give volumes as image files")
-            # DESIGN.md, "Snapshots": a template writes its RAM through to the file; a restored VM maps it
+            # A template writes its RAM through to the file (docs/snapshots.md); a restored VM maps it
             # copy-on-write, so that its pages are shared with every other VM restored from it.
-            share = "off" if spec.restore_state else "on"
+            shared = "off" if spec.restore_state else "on"
+            # A clone opens its template's file read-only where qemu can (8.2+): then even a compromised clone
+            # cannot write the RAM its template's other clones start from.
+            readonly = ",readonly=on,rom=off" if self._clone_ram_read_only(spec) else ""
             args += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={spec.ram_file},"
-                                f"share={share}"]
+                                f"share={shared}{readonly}"]
             machine += ",memory-backend=mem"
         elif spec.shares:
             # vhost-user-fs needs guest RAM the virtiofsd process can map.
@@ -145,7 +147,7 @@ class QemuEngine(Engine):
         args += ["-chardev", f"socket,id=con,fd={fds.console}", "-serial", "chardev:con"]
         args += ["-chardev", f"socket,id=ch0,fd={fds.channel}"]
         args += ["-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=boxlite.0"]
-        for i, (disk, disk_fds) in enumerate(zip(spec.disks, fds.disks)):
+        for i, (disk, disk_fds) in enumerate(zip(spec.disks, fds.disks, strict=True)):
             # Opened by the runtime and inherited: a jailed qemu needs no path to (or right on) the file.
             for fd in disk_fds:
                 args += ["-add-fd", f"fd={fd},set={i + 1}"]
@@ -158,7 +160,7 @@ class QemuEngine(Engine):
             for port in spec.ports:
                 netdev += f",hostfwd={port.protocol}:127.0.0.1:{port.host}-:{port.guest}"
             args += ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0"]
-        for i, (share, sock) in enumerate(zip(spec.shares, fds.shares)):
+        for i, (share, sock) in enumerate(zip(spec.shares, fds.shares, strict=True)):
             args += ["-chardev", f"socket,id=fs{i},fd={sock}"]  # connected to virtiofsd by the runtime
             args += ["-device", f"vhost-user-fs-device,chardev=fs{i},tag={share.tag}"]
         if fds.monitor is not None:
@@ -169,6 +171,9 @@ class QemuEngine(Engine):
             args += jail.qemu_options()
         return args
 
+    def _clone_ram_read_only(self, spec: LaunchSpec) -> bool:
+        return spec.restore_state is not None and self.features.private_ram_read_only()
+
     def jail(self, spec: LaunchSpec) -> Jail:
         return jail_for_box(spec.box_dir, self.features.has_sandbox(SANDBOX_OPTIONS))
 
@@ -176,7 +181,7 @@ class QemuEngine(Engine):
         spec.box_dir.mkdir(parents=True, exist_ok=True)
         jail = self.jail(spec)
         console = ConsoleLog(spec.console_log)
-        helpers: list[subprocess.Popen] = []
+        helpers: list[subprocess.Popen[bytes]] = []
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         monitor = qemu_monitor = None
         if spec.ram_file is not None:
@@ -197,10 +202,10 @@ class QemuEngine(Engine):
                 spec.socket_dir.mkdir(parents=True, exist_ok=True)
             for i, share in enumerate(spec.shares):
                 sock = spec.socket_dir / f"fs{i}.sock"
-                helpers.append(_start_virtiofsd(share, sock, spec.box_dir / f"fs{i}.log", spec.box_dir / f"view{i}"))
+                helpers.append(_start_virtiofsd(share, sock, spec.box_dir, i, jail))
                 sockets.append(sock)
             shares = []
-            for i, (sock, helper) in enumerate(zip(sockets, helpers)):
+            for i, (sock, helper) in enumerate(zip(sockets, helpers, strict=True)):
                 _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
                 shares.append(_connect(sock, files))
             if spec.network == "internet":
@@ -210,8 +215,10 @@ class QemuEngine(Engine):
                           qemu_monitor.fileno() if qemu_monitor else None, disks, shares)
             argv = self.argv(spec, fds, jail)
             bios, _ = self.features.boot_firmware()
-            argv = jail.wrap(argv, spec.box_dir, readable=[spec.vmlinux, spec.initramfs, *([bios] if bios else [])],
-                             writable=[spec.ram_file] if spec.ram_file is not None else [],
+            ram = [spec.ram_file] if spec.ram_file is not None else []
+            ram_read_only = self._clone_ram_read_only(spec)
+            readable = [spec.vmlinux, spec.initramfs, *([bios] if bios else []), *(ram if ram_read_only else [])]
+            argv = jail.wrap(argv, spec.box_dir, readable=readable, writable=[] if ram_read_only else ram,
                              devices=(KVM_DEVICE,) if self.accel == "kvm" else ())
             # The network namespace is entered first, then the jail: each step execs the next, down to qemu.
             argv = (net.prefix if net else []) + argv
@@ -298,7 +305,7 @@ def _connect(sock: Path, files: list[int]) -> int:
     return fd
 
 
-MIGRATION_TIMEOUT = 60.0  # saving is ~10 ms and loading ~40 ms (DESIGN.md); a slow disk may take longer
+MIGRATION_TIMEOUT = 60.0  # saving is ~10 ms and loading ~40 ms (measured); a slow disk may take longer
 
 
 def _ignore_shared(qmp: Qmp) -> None:
@@ -313,19 +320,25 @@ def _restore(qmp: Qmp, state: int) -> None:
     qmp.wait_migration(MIGRATION_TIMEOUT)
 
 
-def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> subprocess.Popen:
-    """virtiofsd for `share`; `view` is an empty directory a read-only share is bound onto, privately."""
+def _start_virtiofsd(share: Share, sock: Path, box_dir: Path, index: int, jail: Jail) -> subprocess.Popen[bytes]:
+    """virtiofsd for share `index` of the box in `box_dir`, listening at `sock`: unprivileged in a user
+    namespace of its own where the jail allows it (fsjail.py), else with the runner's uid."""
     binary = find_virtiofsd()
     help_text = _help_text(binary)
     source, wrapper, extra = share.host, [], []
+    jailed = virtiofsd_prefix(jail, box_dir, index, share.host, sock, share.readonly or share.tree is not None)
     if share.tree is not None:
         wrapper = _composed_tree_wrapper(share)
-    elif share.readonly:
+    if jailed is not None:
+        # The share (read-only if it is) is at fsjail's mount point, and the socket its descriptor.
+        source, wrapper = Path(MOUNT_POINT), [*wrapper, *jailed]
+    elif share.readonly and share.tree is None:
         # Enforced on the host: the guest controls its own mount flags, so they prove nothing.
         if os.geteuid() == 0 and shutil.which("unshare"):
             # A read-only bind of the directory in a mount namespace of the server's own. Bound onto another
             # directory, not onto itself: the server's socket may live below the shared directory (a runtime
             # home inside the project) and must stay writable.
+            view = box_dir / f"view{index}"
             view.mkdir(parents=True, exist_ok=True)
             source = view
             script = 'mount --bind -o ro "$0" "$1" && shift && exec "$@"'
@@ -338,12 +351,12 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
                 f"cannot share {share.host} read-only: this virtiofsd has no --readonly and binding it read-only "
                 "needs root; run as root, install a newer virtiofsd, or share the volume read-write"
             )
+    socket_arg = [] if jailed is not None else [f"--socket-path={sock}"]
     # A composed view of the host (the host image's root) is read by everything the box runs: let the guest
     # cache it. Volumes are not cached: the host may change their files while the box runs.
     cached = share.tree is not None
     if "--shared-dir" in help_text:  # the Rust virtiofsd (Debian 13)
-        argv = [binary, f"--socket-path={sock}", f"--shared-dir={source}",
-                f"--cache={'always' if cached else 'never'}", *extra]
+        argv = [binary, *socket_arg, f"--shared-dir={source}", f"--cache={'always' if cached else 'never'}", *extra]
         if os.geteuid() != 0:
             argv.append("--sandbox=none")
         if "--seccomp" in help_text and jail_enabled():
@@ -354,12 +367,14 @@ def _start_virtiofsd(share: Share, sock: Path, log_file: Path, view: Path) -> su
             # with EREMOTE ("Object is remote"). Unannounced, they read as part of the one shared tree.
             argv.append("--no-announce-submounts")
     else:  # the C virtiofsd bundled with qemu 7.2
-        argv = [binary, f"--socket-path={sock}", "-o", f"source={source}",
-                "-o", f"cache={'always' if cached else 'none'}"]
+        argv = [binary, *socket_arg, "-o", f"source={source}", "-o", f"cache={'always' if cached else 'none'}"]
+        if jailed is not None:
+            # Its default raises the descriptor limit to 1M: a user namespace may not raise the hard limit.
+            argv.append("--rlimit-nofile=0")
     argv = [*wrapper, *argv]
     log.debug("starting %s", " ".join(argv))
-    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"),
-                         no_new_privs=jail_enabled())
+    return process.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=open(box_dir / f"fs{index}.log", "wb"), no_new_privs=jail_enabled())
 
 
 @functools.lru_cache(maxsize=4)
@@ -388,14 +403,15 @@ def _composed_tree_wrapper(share: Share) -> list[str]:
         lines.append(f"mkdir -p {q(root + path)}")
     for path in tree.masks:
         # An empty read-only tmpfs over a directory, the empty file over a file: nothing to read below.
-        lines.append(f"if [ -d {q(root + path)} ]; then mount -t tmpfs -o ro,mode=0755,size=4k none {q(root + path)}; "
-                     f"elif [ -e {q(root + path)} ]; then mount --bind -o ro {q(root)}/.boxlite-empty {q(root + path)}; fi")
+        masked = q(root + path)
+        lines.append(f"if [ -d {masked} ]; then mount -t tmpfs -o ro,mode=0755,size=4k none {masked}; "
+                     f"elif [ -e {masked} ]; then mount --bind -o ro {q(root)}/.boxlite-empty {masked}; fi")
     lines.append(f"mount -o remount,ro {q(root)}")
     lines.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
 
 
-def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeout: float = 10.0) -> None:
+def _wait_for_socket(path: Path, helper: subprocess.Popen[bytes], log_file: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if helper.poll() is not None:
@@ -406,7 +422,7 @@ def _wait_for_socket(path: Path, helper: subprocess.Popen, log_file: Path, timeo
 
 
 class QemuVM(ProcessVM):
-    def __init__(self, proc: subprocess.Popen, helpers: list[subprocess.Popen], channel: socket.socket,
+    def __init__(self, proc: subprocess.Popen[bytes], helpers: list[subprocess.Popen[bytes]], channel: socket.socket,
                  console: ConsoleLog, spec: LaunchSpec, qmp: Qmp | None = None) -> None:
         super().__init__(proc, helpers, channel, spec)
         self.console = console

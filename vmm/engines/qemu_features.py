@@ -5,8 +5,10 @@ boots microvm with qboot, which loads the kernel itself; Debian 13's qemu 10 boo
 loads the kernel through an option ROM (`pvh.bin`) and finds "No bootable device" when option ROMs are off.
 Measured there under TCG, the Debian cloud kernel 6.12 started by SeaBIOS also died early in most boots
 (a divide error in start_kernel), and started by the qboot that Debian 13 still ships, it booted every time.
-`-help` says whether qemu was built with seccomp (`-sandbox`) and which of its options it knows.
-The probes run qemu four times (~80 ms together): their result is kept in memory per binary (path, size,
+`-help` says whether qemu was built with seccomp (`-sandbox`) and which of its options it knows;
+`-object memory-backend-file,help` whether a RAM file can be opened read-only yet mapped writable (`rom`,
+qemu 8.2+: a restored clone then cannot write its template's RAM file).
+The probes run qemu five times (~100 ms together): their result is kept in memory per binary (path, size,
 mtime), which is once per process. Not on disk: reading a cache file would save less than it costs to keep
 it true across qemu upgrades.
 """
@@ -43,10 +45,16 @@ class QemuFeatures:
     firmware_is_seabios: bool
     qboot: Path | None
     sandbox: frozenset[str] = frozenset()  # the options of `-sandbox on,...`; empty: built without seccomp
+    ram_file_options: frozenset[str] = frozenset()  # of `-object memory-backend-file`
 
     def has_sandbox(self, options: tuple[str, ...]) -> bool:
         """Whether `-sandbox on,<each of options>=...` is accepted."""
         return bool(self.sandbox) and set(options) <= self.sandbox
+
+    def private_ram_read_only(self) -> bool:
+        """Whether a RAM file mapped copy-on-write (share=off) can be opened read-only: `readonly=on,rom=off`
+        (qemu 8.2+). Before, qemu opens it read-write, and `readonly=on` alone makes the RAM a ROM."""
+        return {"readonly", "rom"} <= self.ram_file_options
 
     def boot_firmware(self) -> tuple[Path | None, bool]:
         """(the firmware to pass with -bios, or None for qemu's default; whether option ROMs can be off).
@@ -104,6 +112,7 @@ def _probe(qemu: str, size: int, mtime_ns: int) -> QemuFeatures:
         firmware_is_seabios=firmware is not None and is_seabios(firmware),
         qboot=find_firmware(data_dirs, QBOOT),
         sandbox=parse_sandbox_options(_ask(qemu, "-help")),
+        ram_file_options=parse_object_options(_ask(qemu, "-object", "memory-backend-file,help")),
     )
     log.debug("%s: microvm firmware %s (%s), qboot %s", qemu, firmware,
               "SeaBIOS" if features.firmware_is_seabios else "not SeaBIOS", features.qboot)
@@ -122,6 +131,10 @@ def _ask(qemu: str, *args: str) -> str:
 def parse_machine_options(text: str) -> frozenset[str]:
     """Option names from `-machine microvm,help` ("  x-option-roms=<bool>   - Set off to ...")."""
     return frozenset(m.group(1) for m in re.finditer(r"^\s+([\w.-]+)=<", text, re.MULTILINE))
+
+
+#: `-object TYPE,help` lists options as `-machine ...,help` does.
+parse_object_options = parse_machine_options
 
 
 def parse_devices(text: str) -> frozenset[str]:
