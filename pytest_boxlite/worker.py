@@ -38,7 +38,7 @@ import execnet
 import pytest
 
 from . import examples, guest_fixtures
-from .plugin import WORKER_KEY
+from .stash import CHANNEL_KEY, WORKER_KEY
 
 # Options that only the host acts on: the host selected the items (-k, -m, --lf, ...), counts failures (-x),
 # writes reports (--junitxml) and owns the cache; a guest that applied them again would disagree or clobber.
@@ -176,7 +176,7 @@ def serve(channel: Any) -> None:
     if workerinput is not None:
         config.workerinput = workerinput  # type: ignore[attr-defined]  # as under pytest-xdist
         config.workeroutput = {}  # type: ignore[attr-defined]
-    config.stash[guest_fixtures.CHANNEL_KEY] = channel
+    config.stash[CHANNEL_KEY] = channel
     config.pluginmanager.register(guest_fixtures, "boxlite-guest-fixtures")
     config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"], workerinput), "boxlite-worker")
     status = config.hook.pytest_cmdline_main(config=config)
