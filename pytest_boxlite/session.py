@@ -404,7 +404,7 @@ class BoxliteSession:
                     if kind == "warning":
                         self._replay_warning(data)
                     elif kind == "examples":
-                        self.examples.apply(data)
+                        self.examples.apply(data["operations"])
                     elif kind == "suite_property":
                         xml = self.config.stash.get(junitxml.xml_key, None)  # None: no --junitxml
                         if xml is not None:
@@ -475,7 +475,7 @@ class BoxliteSession:
         if kind == "plain":  # what the guest left out is the item's, as pytest would have made it
             return pytest.TestReport(item.nodeid, item.location, {name: 1 for name in item.keywords}, "passed",
                                      None, data["when"], [], data["duration"], data["start"], data["stop"])
-        return self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+        return self.config.hook.pytest_report_from_serializable(config=self.config, data=data["report"])
 
     def _replay(self, item: pytest.Item, report: pytest.TestReport, worker: Worker, phases: set[str]) -> None:
         report.boxlite_box = worker.label  # type: ignore[attr-defined]  # shown by -v (reporting.py)
