@@ -230,11 +230,11 @@ def test_the_systems_python_runs_the_images_python3_and_says_so(tmp_path):
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True, capture_output=True)
     project = tmp_path / "project"
     project.mkdir()
+    minor = int(subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[1])"],
+                               capture_output=True, text=True, check=True).stdout)
     (project / "test_system.py").write_text(
-        "import sys\n\ndef test_version():\n    assert sys.version_info[:2] == (3, %d)\n\n"
-        "def test_fails():\n    assert False\n" % int(subprocess.run(
-            ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[1])"],
-            capture_output=True, text=True, check=True).stdout))
+        f"import sys\n\ndef test_version():\n    assert sys.version_info[:2] == (3, {minor})\n\n"
+        "def test_fails():\n    assert False\n")
     local = pytest_in(python, project)
     boxed = pytest_in(python, project, "--boxlite")
     assert outcomes(local) == outcomes(boxed) == {"test_system.py::test_version": "PASSED",

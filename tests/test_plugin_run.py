@@ -141,9 +141,11 @@ def test_a_boxed_run_matches_a_local_run_and_harms_nothing(pytester):
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_features=FEATURES)
     (pytester.path / "precious.txt").write_text("keep me")
-    local = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "not deselected", f"--junitxml={pytester.path / 'local.xml'}")
+    local = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "not deselected",
+                                          f"--junitxml={pytester.path / 'local.xml'}")
     pytester.makepyfile(test_harmful=HARMFUL)
-    before = {p.name: p.read_bytes() for p in pytester.path.iterdir() if p.is_file() and p.name not in ("stdout", "stderr")}
+    before = {p.name: p.read_bytes() for p in pytester.path.iterdir()
+              if p.is_file() and p.name not in ("stdout", "stderr")}
     boxed = pytester.runpytest_subprocess("--boxlite", "-o", "boxlite_scope=session", "-p", "no:cacheprovider", "-v",
                                           "-rA", "-k", "not deselected", f"--junitxml={pytester.path / 'boxed.xml'}")
     counts = local.parseoutcomes()
@@ -166,7 +168,8 @@ def test_a_boxed_run_matches_a_local_run_and_harms_nothing(pytester):
     assert (pytester.path / "precious.txt").read_text() == "keep me"
     assert (pytester.path / "conftest.py").exists()
     assert os.path.isdir(os.path.expanduser("~")) and os.path.isdir("/work")
-    after = {p.name: p.read_bytes() for p in pytester.path.iterdir() if p.is_file() and p.name not in ("boxed.xml", "stdout", "stderr")}
+    after = {p.name: p.read_bytes() for p in pytester.path.iterdir()
+             if p.is_file() and p.name not in ("boxed.xml", "stdout", "stderr")}
     assert after == before
 
 

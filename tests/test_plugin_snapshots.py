@@ -84,7 +84,7 @@ def test_each_test_gets_a_pristine_vm_with_its_own_randomness_and_the_hosts_cloc
     output = result.stdout.str()
     randoms = re.findall(r"^RANDOM (\S+) (\S+) (\S+)$", output, re.M)  # the tests' captured output (-rP)
     assert len(randoms) == 3
-    for column in zip(*randoms):  # uuid4, random.random(), os.urandom: all different
+    for column in zip(*randoms, strict=True):  # uuid4, random.random(), os.urandom: all different
         assert len(set(column)) == 3, randoms
     clocks = [float(c) for c in re.findall(r"CLOCK \S+ (-?[0-9.]+)", output)]
     assert len(clocks) == 3 and all(-1.0 < c < 1.0 for c in clocks), clocks
