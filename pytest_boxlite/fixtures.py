@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vmm import Box, BoxOptions, Runtime
+from vmm import Box, BoxOptions, Runtime, Volume
 
 from .config import marker_arguments
 from .stash import SESSION_KEY, WORKER_KEY
@@ -37,7 +37,8 @@ def box_options(request: pytest.FixtureRequest) -> BoxOptions:
     Override this fixture to set others (any `vmm.BoxOptions` field)."""
     settings = _session(request.config).settings.settings(marker_arguments(request.node))
     return BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
-                      memory_mib=settings.memory_mib, env=dict(settings.env), volumes=settings.volumes,
+                      memory_mib=settings.memory_mib, env=dict(settings.env),
+                      volumes=tuple(Volume.parse(v) for v in settings.volumes),
                       network=settings.network, host_ports=settings.host_ports)
 
 

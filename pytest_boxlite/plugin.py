@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vmm.errors import ConfigError
+from vmm import ConfigError
 
 from . import compat, nodes  # compat reads the state of coverage.py when loaded
 from . import config as cfg
@@ -51,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     session = config.stash[SESSION_KEY] = BoxliteSession(config, settings)
     config.pluginmanager.register(HostSession(session), "boxlite-session")
     config.pluginmanager.register(Reporting(session), "boxlite-reporting")
-    config.pluginmanager.register(compat.HostHooks(session.boxes), "boxlite-compat")
+    config.pluginmanager.register(compat.HostHooks(session.plan.boxes), "boxlite-compat")
 
 
 class HostSession:
@@ -67,7 +67,7 @@ class HostSession:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if not session.config.option.collectonly:
-            self.session.plan(session.items)
+            self.session.start(session.items)
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtestloop(self, session: pytest.Session) -> Any:

@@ -6,18 +6,15 @@ both while the current test runs, so that a test needing a fresh VM mostly finds
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from vmm.errors import ConfigError, EngineUnavailable, ImageError
+from vmm import ConfigError, EngineUnavailable, ImageError
 
 from .relay import Worker
-
-log = logging.getLogger(__name__)
 
 # Errors that the next attempt would meet again: the box kind is marked failed instead of retried per test.
 PERMANENT = (ConfigError, EngineUnavailable, ImageError)

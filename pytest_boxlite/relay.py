@@ -14,9 +14,7 @@ gateway in the group, so that `gateway.exit()` and `group.terminate()` end it).
 from __future__ import annotations
 
 import collections
-import functools
 import logging
-import os
 import signal
 import sys
 import threading
@@ -28,8 +26,7 @@ from typing import Any
 import execnet
 from execnet import gateway_bootstrap
 
-from vmm import Box
-from vmm.errors import BoxError, BoxliteError, WorkerLost, WorkerTimeout
+from vmm import Box, BoxError, BoxliteError, WorkerLost, WorkerTimeout
 
 from . import protocol
 
@@ -331,22 +328,3 @@ class Worker:
         except (OSError, ValueError):
             pass
 
-
-@functools.cache
-def site_directories() -> tuple[str, ...]:
-    """The directories the host's pytest and this plugin import from, each once (the guest mounts them).
-    Fixed for the process: planning asks for every boxed item."""
-    import _pytest
-    import execnet as _execnet
-    import iniconfig
-    import packaging
-    import pluggy
-
-    import pytest_boxlite
-    import vmm
-
-    roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__ or "")))
-             for m in (_pytest, pluggy, _execnet, iniconfig, packaging, pytest_boxlite, vmm)]
-    import site
-    roots += [p for p in site.getsitepackages() if os.path.isdir(p)]
-    return tuple(dict.fromkeys(os.path.realpath(r) for r in roots))

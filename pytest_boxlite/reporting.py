@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from vmm.engines import select as select_engine
-from vmm.errors import BoxliteError
+from vmm import BoxliteError, select_engine
 
 from . import compat
 from .session import BoxliteSession
@@ -22,7 +21,7 @@ class Reporting:
 
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         session = self.session
-        settings = session.with_usable_python(session.settings.settings())
+        settings = session.provisioner.with_usable_python(session.settings.settings())
         try:
             engine = select_engine(settings.engine).describe()
         except BoxliteError as exc:
@@ -31,7 +30,7 @@ class Reporting:
         profile = f", profile {session.settings.profile}" if session.settings.profile else ""
         snapshots = ""
         if settings.scope == "test":
-            snapshots = ", snapshots " + ("on" if session.snapshots_possible(settings) else "off")
+            snapshots = ", snapshots " + ("on" if session.provisioner.snapshots_possible(settings) else "off")
         return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
                 f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}, python {settings.python}")
 
