@@ -49,6 +49,8 @@ class Replay:
             except Exception as exc:  # noqa: BLE001 - pytest's own reader of what the guest sent
                 raise worker.lost(f"the worker sent a report pytest cannot read ({type(exc).__name__}: "
                                   f"{str(exc)[:200]})") from None
+            if not isinstance(report, pytest.TestReport):
+                raise worker.lost(f"the worker sent a report pytest cannot read (it made a {type(report).__name__})")
             report.boxlite_box = worker.label  # type: ignore[attr-defined]  # shown by -v (reporting.py)
             if report.when == "teardown":
                 report.user_properties.append(("boxlite_box", worker.box.id))

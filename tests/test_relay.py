@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_boxlite.examples import MAX_KEY, MAX_OPERATIONS, MAX_VALUE
+from pytest_boxlite.examples import MAX_KEY, MAX_OPERATIONS, MAX_VALUE, HostDatabase
 from pytest_boxlite.protocol import MAX_NAME, MAX_TEXT
 from pytest_boxlite.relay import HELD_MESSAGES, ExecutionIO, Worker
+from pytest_boxlite.replay import Replay
 from vmm.errors import WorkerLost
 
 
@@ -111,6 +112,17 @@ def test_a_worker_that_says_it_missed_tests_it_was_not_given_is_lost():
     with pytest.raises(WorkerLost, match="malformed 'collected'"):
         worker.begin(unit)
     assert channel.sent == [("unit", unit)]
+
+
+@pytest.mark.parametrize("report", [{}, {"$report_type": "Unknown"}, {"$report_type": "TestReport"}])
+def test_a_report_pytest_cannot_read_ends_the_worker(pytestconfig, report):
+    """A "report" message passes the table (a dict) but is read by pytest's own hook: what it cannot read is the
+    worker's failure, not the host's."""
+    replay = Replay(pytestconfig, HostDatabase(pytestconfig.rootpath, print))
+    worker = Worker(SimpleNamespace(id="0" * 32), ended_execution(), None, ScriptedChannel([]), False)  # type: ignore[arg-type]
+    with pytest.raises(WorkerLost, match="a report pytest cannot read"):
+        replay.message(None, "report", {"report": report}, worker, set())  # type: ignore[arg-type]
+    assert worker.failed
 
 
 def test_the_worker_stream_holds_a_bounded_amount_of_unreceived_messages():
