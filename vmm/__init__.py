@@ -10,6 +10,7 @@ import os
 
 from .aio import AsyncBox, AsyncExecution, AsyncRuntime
 from .box import Box, BoxInfo, BoxMetrics
+from .engines import select as select_engine
 from .errors import (
     BoxError,
     BoxliteError,
@@ -27,7 +28,6 @@ from .errors import (
     WorkerLost,
     WorkerTimeout,
 )
-from .engines import select as select_engine
 from .execution import ExecResult, Execution
 from .hostpython import HostPython, host_python, interpreter_dirs, system_python
 from .images import ResolvedImage, resolve_image
