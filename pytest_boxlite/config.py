@@ -208,7 +208,7 @@ def add_options(parser: pytest.Parser) -> None:
                          "whatever python the image has; default) or image (the image's python3 with the "
                          "host's pure-Python packages; it must have the host's minor version).")
     for key, _, kind, help_ in INI:
-        parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]
+        parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]  # INI's kinds are addini's
 
 
 def _ini_keys(config: pytest.Config) -> set[str]:

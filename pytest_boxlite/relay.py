@@ -182,7 +182,7 @@ class Worker:
     @classmethod
     def _attach(cls, box: Box, execution: Any, group: execnet.Group, echo: bool,
                 connect: Any) -> Worker:
-        worker = cls(box, execution, None, None, echo)  # type: ignore[arg-type]
+        worker = cls(box, execution, None, None, echo)  # type: ignore[arg-type]  # gateway, channel: set below
         threading.Thread(target=worker._drain_stderr, name=f"boxlite-stderr-{box.id[:8]}", daemon=True).start()
         spec = execnet.XSpec(f"popen//id=box-{box.id[:8]}//execmodel=thread")
         group.allocate_id(spec)

@@ -158,7 +158,7 @@ def serve(channel: Any) -> None:
     config.stash[WORKER_KEY] = True
     if workerinput is not None:
         config.workerinput = workerinput  # type: ignore[attr-defined]  # as under pytest-xdist
-        config.workeroutput = {}  # type: ignore[attr-defined]
+        config.workeroutput = {}  # type: ignore[attr-defined]  # as under pytest-xdist
     config.stash[CHANNEL_KEY] = channel
     config.pluginmanager.register(guest_fixtures, "boxlite-guest-fixtures")
     config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"], workerinput), "boxlite-worker")
@@ -173,7 +173,7 @@ def serve(channel: Any) -> None:
         channel.send(("finished", {"status": int(status), "workeroutput": None, "rinfo": rinfo}))
 
 
-class WorkerInput(dict):  # type: ignore[type-arg]
+class WorkerInput(dict[str, Any]):
     """`config.workerinput` that remembers which keys were read: what a snapshot template's clones share."""
 
     def __init__(self, values: dict[str, Any]) -> None:
