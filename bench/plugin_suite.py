@@ -123,7 +123,7 @@ def images(tests: int, repeat: int) -> None:
 
 def inside_one_box(directory: Path) -> tuple[float, float]:
     """(boot seconds, seconds for `python3 -m pytest` in the booted box)."""
-    from pytest_boxlite.relay import site_directories
+    from pytest_boxlite.provision import site_directories
 
     paths = site_directories()
     volumes = [(str(directory), str(directory), "cow")] + [(p, p, "ro") for p in paths]

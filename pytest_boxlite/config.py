@@ -7,7 +7,6 @@ Every source is checked when it is read; a bad key or value names where it came 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,10 +15,7 @@ from typing import Any
 
 import pytest
 
-from vmm.errors import ConfigError
-from vmm.options import ENGINES, NETWORK_FIX, NETWORK_MODES, network_mode
-
-log = logging.getLogger(__name__)
+from vmm import ENGINES, ConfigError, network_mode
 
 SCOPES = ("test", "module", "session")
 PYTHONS = ("host", "image")
@@ -71,7 +67,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "memory_mib": (lambda v: _is_int(v) and 128 <= v <= 65536, "an integer in 128..65536"),
     "env": (_is_str_map, "a mapping of variable names to strings"),
     "volumes": (_is_str_list, "a list of HOST:GUEST[:ro|rw|cow] strings"),
-    "network": (lambda v: isinstance(v, bool) or v in NETWORK_MODES, NETWORK_FIX),
+    "network": (lambda v: True, ""),  # checked (and normalized) by vmm.network_mode in check_values
     "host_ports": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(p) and 1 <= p <= 65535 for p in v),
                    "a list of port numbers (1..65535)"),
     "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
@@ -92,12 +88,16 @@ def check_values(values: Mapping[str, Any], allowed: tuple[str, ...], where: str
     for key, value in values.items():
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(allowed)})")
+        if key == "network":
+            try:
+                out[key] = network_mode(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            continue
         check, what = CHECKS[key]
         if not check(value):
             raise ConfigError(f"{where}: {key}={value!r} is invalid: use {what}")
         out[key] = tuple(value) if isinstance(value, list) else dict(value) if key == "env" else value
-        if key == "network":
-            out[key] = network_mode(value)
     return out
 
 
@@ -208,7 +208,7 @@ def add_options(parser: pytest.Parser) -> None:
                          "whatever python the image has; default) or image (the image's python3 with the "
                          "host's pure-Python packages; it must have the host's minor version).")
     for key, _, kind, help_ in INI:
-        parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]
+        parser.addini(key, help_, type=kind, default=None)  # type: ignore[arg-type]  # INI's kinds are addini's
 
 
 def _ini_keys(config: pytest.Config) -> set[str]:

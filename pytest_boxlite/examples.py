@@ -48,12 +48,15 @@ def record() -> list[list[Any]]:
 
         def recording(self: Any, *args: bytes) -> None:
             if getattr(inside, "write", False):
-                return original(self, *args)
+                original(self, *args)
+                return
             inside.write = True
             try:
-                if len(operations) < MAX_OPERATIONS and _fits(name, args) and self == settings.default.database:
+                default = settings.default
+                if (len(operations) < MAX_OPERATIONS and _fits(name, args) and default is not None
+                        and self == default.database):
                     operations.append([name, *args])
-                return original(self, *args)
+                original(self, *args)
             finally:
                 inside.write = False
 
@@ -97,7 +100,8 @@ class HostDatabase:
             from hypothesis.database import DirectoryBasedExampleDatabase
         except ImportError:  # the box had hypothesis, the host has not: nowhere to save
             return None
-        database = settings.default.database
+        default = settings.default
+        database = default.database if default is not None else None
         if database is None:  # no database (hypothesis's "ci" profile): a local run saves nothing either
             return None
         if isinstance(database, DirectoryBasedExampleDatabase) and database.path.resolve().is_relative_to(

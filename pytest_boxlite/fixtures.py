@@ -4,23 +4,25 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vmm import Box, BoxOptions, Runtime
+from vmm import Box, BoxOptions, Runtime, Volume
 
-from .plugin import SESSION_KEY, WORKER_KEY
+from .config import marker_arguments
+from .stash import SESSION_KEY, WORKER_KEY
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # imported by the host's plugin only: this module is loaded in boxes too
+    from .session import BoxliteSession
 
 
-def _session(config: pytest.Config):
+def _session(config: pytest.Config) -> BoxliteSession:
     if config.stash.get(WORKER_KEY, False):
         raise pytest.UsageError("boxlite fixtures are not available inside a box (no VMs in VMs)")
-    return config.stash[SESSION_KEY]
+    session: BoxliteSession = config.stash[SESSION_KEY]
+    return session
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +35,10 @@ def boxlite_runtime(pytestconfig: pytest.Config) -> Runtime:
 def box_options(request: pytest.FixtureRequest) -> BoxOptions:
     """Options of the `box` fixture: the test's `boxlite` marker over the session's settings.
     Override this fixture to set others (any `vmm.BoxOptions` field)."""
-    from .config import marker_arguments
-
     settings = _session(request.config).settings.settings(marker_arguments(request.node))
     return BoxOptions(image=settings.image, engine=settings.engine, cpus=settings.cpus,
-                      memory_mib=settings.memory_mib, env=dict(settings.env), volumes=settings.volumes,
+                      memory_mib=settings.memory_mib, env=dict(settings.env),
+                      volumes=tuple(Volume.parse(v) for v in settings.volumes),
                       network=settings.network, host_ports=settings.host_ports)
 
 

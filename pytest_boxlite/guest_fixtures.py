@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-CHANNEL_KEY = pytest.StashKey[Any]()  # the worker's execnet channel to the host
+from .stash import CHANNEL_KEY
 
 
 def _workerinput(config: pytest.Config) -> dict[str, Any]:

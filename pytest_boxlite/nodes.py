@@ -142,7 +142,7 @@ class Nodes:
             if self.inherited is None:
                 self.config.hook.pytest_testnodedown(node=node, error=error)
                 continue
-            forwarded = self.config.workeroutput.setdefault(FORWARD_KEY, [])  # type: ignore[attr-defined]
+            forwarded = self.config.workeroutput.setdefault(FORWARD_KEY, [])  # type: ignore[attr-defined]  # xdist's worker
             forwarded.append({"id": node.gateway.id, "workerinput": node.workerinput,
                               "workeroutput": node.workeroutput, "rinfo": node.gateway.rinfo, "error": error})
 

@@ -1,26 +1,25 @@
-"""The pytest plugin (entry point `boxlite`; `-p no:boxlite` disables it): options, marker, the hooks that
-send boxed items to their box, and the fixtures.
+"""The pytest plugin (entry point `boxlite`; `-p no:boxlite` disables it): options, marker, and on the host the
+hooks that send boxed items to their box (`HostSession`), the terminal output and the fixtures.
 
 In the guest the same plugin is loaded by the worker (so that the marker is known there); `WORKER_KEY` in
-the config's stash tells it to stay passive.
+the config's stash (stash.py) tells it to stay passive. So the host's modules (session.py and what it uses)
+are imported in pytest_configure, on the host only: a box's python would pay for them under emulation.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vmm.errors import ConfigError
+from vmm import ConfigError
 
-from . import compat, nodes  # noqa: F401 - compat reads the state of coverage.py when loaded
+from . import compat, nodes  # compat reads the state of coverage.py when loaded
 from . import config as cfg
+from .stash import SESSION_KEY, WORKER_KEY
 
-log = logging.getLogger(__name__)
-
-WORKER_KEY = pytest.StashKey[bool]()
-SESSION_KEY = pytest.StashKey["BoxliteSession"]()
+if TYPE_CHECKING:
+    from .session import BoxliteSession
 
 MARKER_HELP = ("boxlite(image=None, profile=None, cpus=1, memory_mib=512, network='internet', "
                "host_ports=(), timeout=300, scope='test', env={}, python='host'): run this test in a "
@@ -46,47 +45,42 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = cfg.SessionConfig.from_pytest(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-boxlite: {exc}") from None
+    from .reporting import Reporting
     from .session import BoxliteSession
 
     session = config.stash[SESSION_KEY] = BoxliteSession(config, settings)
-    from . import reporting
+    config.pluginmanager.register(HostSession(session), "boxlite-session")
+    config.pluginmanager.register(Reporting(session), "boxlite-reporting")
+    config.pluginmanager.register(compat.HostHooks(session.plan.boxes), "boxlite-compat")
 
-    config.pluginmanager.register(reporting.Reporting(config), "boxlite-reporting")
-    config.pluginmanager.register(compat.HostHooks(session.boxes), "boxlite-compat")
 
+class HostSession:
+    """The hooks of the host's session: plan the boxed items, run each in its box, end the workers."""
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    session = config.stash.get(SESSION_KEY, None)
-    if session is not None:
-        session.close()
+    def __init__(self, session: BoxliteSession) -> None:
+        self.session = session
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.session.close()
         del config.stash[SESSION_KEY]
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if not session.config.option.collectonly:
+            self.session.start(session.items)
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session: pytest.Session) -> None:
-    boxlite = session.config.stash.get(SESSION_KEY, None)
-    if boxlite is not None and not session.config.option.collectonly:
-        boxlite.plan(session.items)
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Any:
+        """The innermost wrapper: box workers end, and their nodes are reported down, before the other
+        wrappers (pytest-cov's) make their end of the loop."""
+        try:
+            return (yield)
+        finally:
+            self.session.end()
 
-
-@pytest.hookimpl(wrapper=True, trylast=True)
-def pytest_runtestloop(session: pytest.Session) -> Any:
-    """The innermost wrapper: box workers end, and their nodes are reported down, before the other wrappers
-    (pytest-cov's) make their end of the loop."""
-    try:
-        return (yield)
-    finally:
-        boxlite = session.config.stash.get(SESSION_KEY, None)
-        if boxlite is not None:
-            boxlite.end()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    boxlite = item.config.stash.get(SESSION_KEY, None)
-    if boxlite is not None and boxlite.run(item):
-        return True
-    return None
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+        return True if self.session.run(item) else None
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -6,18 +6,15 @@ both while the current test runs, so that a test needing a fresh VM mostly finds
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from vmm.errors import ConfigError, EngineUnavailable, ImageError
+from vmm import ConfigError, EngineUnavailable, ImageError
 
 from .relay import Worker
-
-log = logging.getLogger(__name__)
 
 # Errors that the next attempt would meet again: the box kind is marked failed instead of retried per test.
 PERMANENT = (ConfigError, EngineUnavailable, ImageError)
@@ -41,7 +38,7 @@ class Pool:
         self.size = size
         self.stats = PoolStats()
         self._cond = threading.Condition()
-        self._ready: dict[Hashable, deque[Worker]] = defaultdict(deque)
+        self._ready: dict[Hashable, deque[Worker | _Failed]] = defaultdict(deque)
         self._building: dict[Hashable, int] = defaultdict(int)
         self._demand: dict[Hashable, int] = defaultdict(int)  # workers still to be handed out, per key
         self._failed: dict[Hashable, BaseException] = {}
@@ -75,7 +72,7 @@ class Pool:
                 if isinstance(exc, PERMANENT) or self._failures[key] >= GIVE_UP_AFTER:
                     self._failed[key] = exc
                 else:
-                    self._ready[key].append(_Failed(exc))  # type: ignore[arg-type]
+                    self._ready[key].append(_Failed(exc))
                 self._cond.notify_all()
             return
         with self._cond:

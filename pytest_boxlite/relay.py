@@ -4,14 +4,17 @@ streams, and the replay of its reports on the host.
 execnet bootstraps itself over any byte stream; here the stream is `python3` started with `Box.spawn`, its
 stdin/stdout carried by the agent's channel. No extra host process, no network: `ExecutionIO` gives execnet
 the read/write/kill/wait interface it expects from a pipe.
+
+execnet makes its gateways over IO of its own (`Group.makegateway`); one over ours uses two of its names beyond
+its documented API, so pyproject.toml pins execnet to the range tested: `gateway_bootstrap.bootstrap` (what
+makegateway calls to start the remote side over an IO) and `Group._register` (what makegateway calls to put the
+gateway in the group, so that `gateway.exit()` and `group.terminate()` end it).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
-import os
 import signal
 import sys
 import threading
@@ -23,14 +26,14 @@ from typing import Any
 import execnet
 from execnet import gateway_bootstrap
 
-from vmm import Box
-from vmm.errors import BoxError, BoxliteError, WorkerLost, WorkerTimeout
+from vmm import Box, BoxError, BoxliteError, WorkerLost, WorkerTimeout
 
-from . import examples
-from .worker import PLAIN_FIELDS
+from . import protocol
 
 log = logging.getLogger(__name__)
 
+# What a running test's worker may send (protocol.py).
+RUNNING = ("report", "plain", "warning", "suite_property", "examples", "done")
 START_TIMEOUT = 600.0  # a worker's python start and `import pytest` (seconds under TCG; the first time more)
 STOP_TIMEOUT = 60.0  # the last teardown and pytest_sessionfinish in the guest
 PING_TIMEOUT = 60.0  # a restored worker's first answer (~0.1 s under TCG)
@@ -38,7 +41,6 @@ STDERR_TAIL = 16 << 10
 # The worker's messages the host holds before taking them (execnet's reader would hold any number): a bigger
 # message is refused, and past this much unreceived the reader waits (guest/PROTOCOL.md, "Host bounds").
 HELD_MESSAGES = 64 << 20
-PHASES = ("setup", "call", "teardown")
 # Runs in the guest's python, given `channel` by execnet. (The host's site directories are processed as such
 # in every python of the box, this one too: guestsite/sitecustomize.py.)
 WORKER_SOURCE = """
@@ -146,9 +148,7 @@ class Worker:
 
         worker = cls._attach(box, execution, group, echo, bootstrap)
         worker.channel = worker.gateway.remote_exec(WORKER_SOURCE)
-        kind, _ = worker.receive(START_TIMEOUT, "starting pytest")
-        if kind != "ready":
-            raise worker.lost(f"the worker began with {kind!r}")
+        worker.receive(START_TIMEOUT, "starting pytest", "ready")
         return worker
 
     @classmethod
@@ -161,29 +161,28 @@ class Worker:
             return execnet.Gateway(io, spec)  # the guest's side was bootstrapped before the snapshot
 
         worker = cls._attach(box, box.warm_execution, group, echo, reconnect)
-        factory = worker.gateway._channelfactory  # no public way to name the channel the guest listens on
-        factory.count = saved["next_channel"]
-        worker.channel = factory.new(saved["channel"])
+        # A new gateway numbers its channels as the template's did, whose first was the worker's.
+        worker.channel = worker.gateway.newchannel()
+        if worker.channel.id != saved["channel"]:
+            raise worker.lost(f"the restored worker listens on channel {saved['channel']}, not on "
+                              f"{worker.channel.id}")
         worker.positions = {nodeid: i for i, nodeid in enumerate(saved["nodeids"])}
         worker.collected = (saved["missing"], saved["errors"])
         # A clone's first round trip is slow (~0.1 s under TCG, where the restored VM starts with nothing
         # translated): paid here, in the pool's thread, not by the test; and a clone that cannot answer
         # fails here, not on a test.
-        worker.send(("ping",))
-        kind, *_ = worker.receive(PING_TIMEOUT, "answering after its restore")
-        if kind != "pong":
-            raise worker.lost(f"the restored worker answered {kind!r} to a ping")
+        worker.send("ping")
+        worker.receive(PING_TIMEOUT, "answering after its restore", "pong")
         return worker
 
     def snapshot_data(self, nodeids: list[str], missing: list[str], errors: list[Any]) -> dict[str, Any]:
         """What `adopt()` needs, kept with the template: the channel, and what the worker collected."""
-        return {"channel": self.channel.id, "next_channel": self.gateway._channelfactory.count,
-                "nodeids": nodeids, "missing": missing, "errors": errors}
+        return {"channel": self.channel.id, "nodeids": nodeids, "missing": missing, "errors": errors}
 
     @classmethod
     def _attach(cls, box: Box, execution: Any, group: execnet.Group, echo: bool,
                 connect: Any) -> Worker:
-        worker = cls(box, execution, None, None, echo)  # type: ignore[arg-type]
+        worker = cls(box, execution, None, None, echo)  # type: ignore[arg-type]  # gateway, channel: set below
         threading.Thread(target=worker._drain_stderr, name=f"boxlite-stderr-{box.id[:8]}", daemon=True).start()
         spec = execnet.XSpec(f"popen//id=box-{box.id[:8]}//execmodel=thread")
         group.allocate_id(spec)
@@ -193,7 +192,7 @@ class Worker:
         except (EOFError, OSError, AssertionError) as exc:
             raise worker.lost(f"python did not start in box {box.id[:12]} ({exc})") from None
         gateway.spec = spec
-        group._register(gateway)  # execnet has no public way to adopt a gateway built on our own IO
+        group._register(gateway)  # execnet 2.1's own step in makegateway (see the module's docstring)
         worker.gateway = gateway
         return worker
 
@@ -219,12 +218,11 @@ class Worker:
         fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
         return "\n".join(lines[fatal[-1]:][:80] if fatal else lines[-40:])
 
-    def receive(self, timeout: float, doing: str) -> tuple[Any, ...]:
+    def receive(self, timeout: float, doing: str, *expected: str) -> protocol.Message:
+        """The worker's next message, one of `expected` (protocol.py's names), checked. Where the host meets
+        a worker that is gone, silent or misbehaving: WorkerTimeout, or WorkerLost saying why."""
         try:
             message = self.channel.receive(timeout)
-            if self.io is not None:
-                self.io.taken()
-            return message
         except self.channel.TimeoutError:
             raise WorkerTimeout(f"{doing} took more than {timeout:g} s in box {self.label}") from None
         except self.channel.RemoteError as exc:  # the worker's own code failed: its traceback says why
@@ -232,10 +230,16 @@ class Worker:
         except (EOFError, OSError) as exc:
             why = (self.io.refused if self.io is not None else None) or exc or "end of stream"
             raise self.lost(f"the worker ended while {doing} ({why})") from None
-
-    def send(self, message: Any) -> None:
+        if self.io is not None:
+            self.io.taken()
         try:
-            self.channel.send(message)
+            return protocol.checked(message, protocol.GUEST, frozenset(expected))
+        except ValueError as exc:
+            raise self.lost(f"the worker sent {exc} while {doing}") from None
+
+    def send(self, name: str, **fields: Any) -> None:
+        try:
+            self.channel.send((name, fields))
         except (OSError, ValueError) as exc:
             raise self.lost(f"cannot send to the worker ({exc})") from None
 
@@ -268,56 +272,33 @@ class Worker:
         return WorkerLost(message)
 
     def begin(self, unit: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-        """Give the worker its items; it collects their files. Returns (missing node ids, collect errors)."""
-        self.send(dict(unit))
-        kind, *rest = self.receive(START_TIMEOUT, "collecting")
-        if kind != "collected" or len(rest) != 3:
-            raise self.lost(f"the worker answered {kind!r} to its items")
-        self.workerinput_read = [str(key) for key in rest[2]]
-        return rest[0], rest[1]
+        """Give the worker its items (protocol.py's "unit" fields); it collects their files. Returns (missing
+        node ids, collect errors)."""
+        self.send("unit", **unit)
+        _, fields = self.receive(START_TIMEOUT, "collecting", "collected")
+        if not set(fields["missing"]) <= set(unit["nodeids"]):
+            raise self.lost("the worker sent a malformed 'collected' message (node ids it was not given)")
+        self.workerinput_read = fields["read"]
+        return fields["missing"], fields["errors"]
 
     def run(self, index: int, timeout: float,
-            alone: Mapping[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Run item `index` of this worker's list; yields ("report" | "plain" | "warning" | "suite_property" |
-        "examples", data) as they come.
+            alone: Mapping[str, Any] | None = None) -> Iterator[protocol.Message]:
+        """Run item `index` of this worker's list; yields its messages ("report", "plain", "warning",
+        "suite_property", "examples": protocol.py) as they come.
         `alone` (a worker restored from a snapshot): run no other item after it; it holds this run's values
         of what the snapshot's may differ in (`workerinput` under pytest-xdist)."""
-        self.send(("run", index, dict(alone) if alone is not None else None))
+        self.send("run", index=index, alone=dict(alone) if alone is not None else None)
         deadline = time.monotonic() + timeout
         while True:
-            message = self.receive(max(0.0, deadline - time.monotonic()), "running the test")
-            if not (isinstance(message, (tuple, list)) and len(message) == 3 and message[0] == "done"):
-                yield self._checked(message)
+            name, fields = self.receive(max(0.0, deadline - time.monotonic()), "running the test", *RUNNING)
+            if name != "done":
+                yield name, fields
                 continue
-            if not isinstance(message[2], list):
-                raise self.lost("the worker sent a malformed 'done'")
-            for last in message[2]:  # the test's last report, sent with "done"
-                yield self._checked(last)
+            if fields["index"] != index:
+                raise self.lost(f"the worker sent a malformed 'done' message (item {fields['index']}, not {index})")
+            yield from fields["last"]  # the test's last report, sent with "done"
             self.items_run += 1
             return
-
-    def _checked(self, message: Any) -> tuple[str, Any]:
-        """A report or warning from the worker, its shape checked (the guest is not trusted); "plain" reports
-        as a dict of PLAIN_FIELDS."""
-        if not (isinstance(message, (tuple, list)) and len(message) == 2):
-            raise self.lost(f"the worker sent a malformed message ({type(message).__name__})")
-        kind, data = message
-        if kind == "plain":
-            if not (isinstance(data, list) and len(data) == len(PLAIN_FIELDS) and data[0] in PHASES
-                    and data[1] == "passed" and all(isinstance(v, (int, float)) for v in data[2:])):
-                raise self.lost("the worker sent a malformed report")
-            return kind, dict(zip(PLAIN_FIELDS, data))
-        if kind == "examples":
-            try:
-                return kind, examples.checked(data)
-            except ValueError as exc:
-                raise self.lost(f"the worker sent malformed examples ({exc})") from None
-        if kind not in ("report", "warning", "suite_property") or not isinstance(data, dict):
-            raise self.lost(f"unexpected message {str(kind)[:40]!r} from the worker")
-        if kind == "suite_property" and not (set(data) == {"name", "value"}
-                                             and all(isinstance(v, str) for v in data.values())):
-            raise self.lost("the worker sent a malformed suite property")
-        return kind, data
 
     def finish(self, gather: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """Let the worker run its last teardown and end its session (best effort: the box goes anyway).
@@ -329,17 +310,12 @@ class Worker:
         if self.failed or (self.positions is not None and not gather):
             return None
         try:
-            self.send(("stop",))
-            message = self.receive(STOP_TIMEOUT, "finishing")
+            self.send("stop")
+            _, fields = self.receive(STOP_TIMEOUT, "finishing", "finished")
         except (WorkerLost, WorkerTimeout) as exc:
             log.debug("worker in box %s did not finish cleanly: %s", self.label, exc)
             return None
-        if not (isinstance(message, (tuple, list)) and len(message) == 4 and message[0] == "finished"
-                and isinstance(message[2], (dict, type(None))) and isinstance(message[3], dict)
-                and all(isinstance(k, str) for k in message[2] or {})):
-            log.debug("worker in box %s sent a malformed 'finished'", self.label)
-            return None
-        return message[2] or {}, message[3]
+        return fields["workeroutput"] or {}, fields["rinfo"]
 
     def close(self) -> None:
         """Kill the worker's python (if still there) and close the gateway; the box is the pool's."""
@@ -352,22 +328,3 @@ class Worker:
         except (OSError, ValueError):
             pass
 
-
-@functools.cache
-def site_directories() -> tuple[str, ...]:
-    """The directories the host's pytest and this plugin import from, each once (the guest mounts them).
-    Fixed for the process: planning asks for every boxed item."""
-    import _pytest
-    import execnet as _execnet
-    import iniconfig
-    import packaging
-    import pluggy
-
-    import pytest_boxlite
-    import vmm
-
-    roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__ or "")))
-             for m in (_pytest, pluggy, _execnet, iniconfig, packaging, pytest_boxlite, vmm)]
-    import site
-    roots += [p for p in site.getsitepackages() if os.path.isdir(p)]
-    return tuple(dict.fromkeys(os.path.realpath(r) for r in roots))

@@ -2,53 +2,44 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
 
-from vmm.errors import BoxliteError
+from vmm import BoxliteError, select_engine
 
-log = logging.getLogger(__name__)
+from . import compat
+from .session import BoxliteSession
 
 
 class Reporting:
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
+    """The plugin's terminal output, registered on the host only (a box's worker reports nothing itself)."""
 
-    @property
-    def session(self):
-        from .plugin import SESSION_KEY
-
-        return self.config.stash.get(SESSION_KEY, None)
+    def __init__(self, session: BoxliteSession) -> None:
+        self.session = session
+        self.config = session.config
 
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         session = self.session
-        if session is None:
-            return None
-        settings = session.with_usable_python(session.settings.settings())
-        from vmm.engines import select
-
+        settings = session.provisioner.with_usable_python(session.settings.settings())
         try:
-            engine = select(settings.engine).describe()
+            engine = select_engine(settings.engine).describe()
         except BoxliteError as exc:
             engine = f"unavailable ({str(exc).splitlines()[0]})"
         mode = "every test in a box" if session.settings.enabled else "marked tests in boxes"
         profile = f", profile {session.settings.profile}" if session.settings.profile else ""
         snapshots = ""
         if settings.scope == "test":
-            snapshots = ", snapshots " + ("on" if session.snapshots_possible(settings) else "off")
+            snapshots = ", snapshots " + ("on" if session.provisioner.snapshots_possible(settings) else "off")
         return (f"boxlite: {mode}, engine {engine}, image {settings.image or 'default (Debian + python3)'}"
                 f"{profile}, scope {settings.scope}{snapshots}, pool {session.pool.size}, python {settings.python}")
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """What cannot work in boxes, after the header (also with -q, which has none)."""
-        from . import compat
-
-        boxlite, reporter = self.session, self.config.pluginmanager.get_plugin("terminalreporter")
-        if boxlite is not None and reporter is not None:
-            for notice in compat.notices(self.config, boxlite.settings.enabled):
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            for notice in compat.notices(self.config, self.session.settings.enabled):
                 reporter.write_line(notice, yellow=True, bold=True)
 
     @pytest.hookimpl(wrapper=True)
@@ -66,7 +57,7 @@ class Reporting:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         session = self.session
-        if session is None or not session.stats.tests and not session.pool.stats.started:
+        if not session.stats.tests and not session.pool.stats.started:
             return
         pool, stats, vms = session.pool.stats, session.stats, session.runtime.metrics()
         parts = [f"boxlite: {stats.tests} tests in boxes"]

@@ -1,30 +1,12 @@
 """The guest side: a pytest worker that runs inside a box, driven by the host over an execnet channel.
 
 Started by `relay.WORKER_SOURCE` (execnet's `remote_exec`), it imports pytest at once so that a warm worker
-has paid for that before a test needs it, then waits for its unit of work:
-
-    host -> guest  {"option": {...}, "args": [...], "nodeids": [...], "rootdir": ..., "workerinput": ...}
-    guest -> host  ("collected", missing_nodeids, failed_collect_reports)
-    host -> guest  ("run", index, alone)    guest -> host  ("report"|"plain"|"warning", data)...
-                                                           then ("done", index, [the last report's message])
-                   "plain": a report with nothing but its phase, outcome and times (see PLAIN_FIELDS)
-                   also ("suite_property", {"name": ..., "value": ...}): record_testsuite_property's
-                   and ("examples", [[operation, key, value...], ...]): the test's writes to hypothesis's
-                   example database (examples.py), before "done"
-                   alone: None, or in a VM restored from a snapshot taken after collection, to run this item
-                   only: {"workerinput": this run's, which may differ from the snapshot's}
-    host -> guest  ("ping",)                guest -> host  ("pong",)
-                   (to a worker restored from a snapshot, before it is handed out)
-    host -> guest  ("stop",)                guest -> host  ("finished", exit_status, workeroutput, rinfo)
+has paid for that before a test needs it, then waits for its unit of work. The messages both ways are
+protocol.py's table.
 
 With `workerinput` (the host's box workers are pytest-xdist nodes to plugins: nodes.py), the guest's config has
 `config.workerinput` and `config.workeroutput` as an xdist worker's has, and runs without pytest-xdist itself
 (it has no workers to start; its fixtures `worker_id` and `testrun_uid` are given: guest_fixtures.py).
-"collected" then also says which workerinput keys the guest read so far: a snapshot template depends on their
-values.
-
-Only builtin types cross the channel (execnet's serializer carries nothing else): reports travel as
-`pytest_report_to_serializable` dicts, as pytest-xdist's do.
 """
 
 from __future__ import annotations
@@ -37,8 +19,8 @@ from typing import Any
 import execnet
 import pytest
 
-from . import examples, guest_fixtures
-from .plugin import WORKER_KEY
+from . import examples, guest_fixtures, protocol
+from .stash import CHANNEL_KEY, WORKER_KEY
 
 # Options that only the host acts on: the host selected the items (-k, -m, --lf, ...), counts failures (-x),
 # writes reports (--junitxml) and owns the cache; a guest that applied them again would disagree or clobber.
@@ -52,10 +34,12 @@ GUEST_OVERRIDES: dict[str, Any] = {
 }
 
 
-# A passing phase with no output, no failure text and nothing a plugin added sends only these; the host
-# rebuilds the rest from its own item. Under TCG, serializing a whole report cost ~0.5 ms of guest time.
-PLAIN_FIELDS = ("when", "outcome", "duration", "start", "stop")
+# A passing phase with no output, no failure text and nothing a plugin added travels as a "plain" message; the
+# host rebuilds the rest from its own item. Under TCG, serializing a whole report cost ~0.5 ms of guest time.
 _PLAIN_ATTRIBUTES = set(vars(pytest.TestReport("x", ("x", 0, "x"), {}, "passed", None, "call")))
+
+
+RUNNING = frozenset({"run", "ping", "stop"})  # what the host sends once the unit is collected
 
 
 def _plain(report: pytest.TestReport) -> bool:
@@ -73,11 +57,11 @@ class WorkerPlugin:
         self.nodeids = nodeids
         self.workerinput = workerinput
         self.collect_failures: list[dict[str, Any]] = []
-        self.held: tuple[str, Any] | None = None  # a teardown report's message, sent with "done"
+        self.held: protocol.Message | None = None  # a teardown report's message, sent with "done"
         self.examples: list[list[Any]] | None = None  # hypothesis's database writes, once hypothesis is in use
 
     def _serializable(self, report: pytest.CollectReport | pytest.TestReport) -> dict[str, Any]:
-        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        data: dict[str, Any] = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         # record_property accepts any object; only builtins survive the channel.
         data["user_properties"] = [(str(k), v if isinstance(v, (str, int, float, bool)) else repr(v))
                                    for k, v in data.get("user_properties", [])]
@@ -99,8 +83,9 @@ class WorkerPlugin:
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        message = (("plain", [getattr(report, f) for f in PLAIN_FIELDS]) if _plain(report)
-                   else ("report", self._serializable(report)))
+        message: protocol.Message = (
+            ("plain", {f: getattr(report, f) for f in protocol.PLAIN}) if _plain(report)
+            else ("report", {"report": self._serializable(report)}))
         self._flush()
         if report.when == "teardown":  # the last, usually: one message fewer per test (a rerun flushes it)
             self.held = message
@@ -127,17 +112,17 @@ class WorkerPlugin:
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
         by_id = {item.nodeid: item for item in session.items}
         items = [by_id.get(nodeid) for nodeid in self.nodeids]
-        missing = [nodeid for nodeid, item in zip(self.nodeids, items) if item is None]
+        missing = [nodeid for nodeid, item in zip(self.nodeids, items, strict=True) if item is None]
         read = sorted(self.workerinput.read) if self.workerinput is not None else []
-        self.channel.send(("collected", missing, self.collect_failures, read))
+        self.channel.send(("collected", {"missing": missing, "errors": self.collect_failures, "read": read}))
         while True:
-            command = self.channel.receive()
-            if command[0] == "stop":
+            name, fields = protocol.checked(self.channel.receive(), protocol.HOST, RUNNING)
+            if name == "stop":
                 return True
-            if command[0] == "ping":
-                self.channel.send(("pong",))
+            if name == "ping":
+                self.channel.send(("pong", {}))
                 continue
-            index, alone = command[1], command[2]
+            index, alone = fields["index"], fields["alone"]
             item = items[index]
             if alone is not None:  # a VM restored from a snapshot, for this item only
                 random.seed()  # not the snapshot's random state, shared by every VM restored from it
@@ -150,10 +135,10 @@ class WorkerPlugin:
                 nextitem = None if alone is not None else next((i for i in items[index + 1:] if i is not None), None)
                 item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             if self.examples:
-                self.channel.send(("examples", self.examples[:]))
+                self.channel.send(("examples", {"operations": self.examples[:]}))
                 self.examples.clear()
             held, self.held = self.held, None
-            self.channel.send(("done", index, [held] if held else []))
+            self.channel.send(("done", {"index": index, "last": [held] if held else []}))
 
 
 def serve(channel: Any) -> None:
@@ -161,12 +146,10 @@ def serve(channel: Any) -> None:
     # execnet pointed fd 1 at /dev/null; with `-s` the tests' output should reach the host, which echoes stderr.
     os.dup2(2, 1)
     channel.send(("ready", {"python": sys.version.split()[0], "pytest": pytest.__version__}))
-    unit = channel.receive()
-    if unit is None:  # a warm worker the session no longer needs
-        return
+    _, unit = protocol.checked(channel.receive(), protocol.HOST, frozenset({"unit"}))
     os.chdir(unit["cwd"])
     option = {**unit["option"], **GUEST_OVERRIDES}
-    workerinput = WorkerInput(unit["workerinput"]) if unit.get("workerinput") is not None else None
+    workerinput = WorkerInput(unit["workerinput"]) if unit["workerinput"] is not None else None
     # As an xdist worker, pytest-xdist would start talking to a controller (pytest-rerunfailures, for one,
     # connects to its loopback port): the box worker is the xdist worker, pytest-xdist is not needed here.
     no_xdist = ["no:xdist", "no:xdist.looponfail"] if workerinput is not None else []
@@ -175,22 +158,22 @@ def serve(channel: Any) -> None:
     config.stash[WORKER_KEY] = True
     if workerinput is not None:
         config.workerinput = workerinput  # type: ignore[attr-defined]  # as under pytest-xdist
-        config.workeroutput = {}  # type: ignore[attr-defined]
-    config.stash[guest_fixtures.CHANNEL_KEY] = channel
+        config.workeroutput = {}  # type: ignore[attr-defined]  # as under pytest-xdist
+    config.stash[CHANNEL_KEY] = channel
     config.pluginmanager.register(guest_fixtures, "boxlite-guest-fixtures")
     config.pluginmanager.register(WorkerPlugin(channel, config, unit["nodeids"], workerinput), "boxlite-worker")
     status = config.hook.pytest_cmdline_main(config=config)
     output = getattr(config, "workeroutput", None)
-    rinfo = {"executable": sys.executable, "version_info": tuple(sys.version_info), "platform": sys.platform,
-             "cwd": os.getcwd(), "pid": os.getpid()}
+    rinfo = dict(zip(protocol.RINFO_FIELDS, (sys.executable, tuple(sys.version_info), sys.platform, os.getcwd(),
+                                             os.getpid()), strict=True))
     try:
-        channel.send(("finished", int(status), output, rinfo))
+        channel.send(("finished", {"status": int(status), "workeroutput": output, "rinfo": rinfo}))
     except execnet.DumpError as exc:  # a plugin put something there that only pickle could carry
         sys.stderr.write(f"boxlite: config.workeroutput cannot be sent to the host ({exc})\n")
-        channel.send(("finished", int(status), None, rinfo))
+        channel.send(("finished", {"status": int(status), "workeroutput": None, "rinfo": rinfo}))
 
 
-class WorkerInput(dict):  # type: ignore[type-arg]
+class WorkerInput(dict[str, Any]):
     """`config.workerinput` that remembers which keys were read: what a snapshot template's clones share."""
 
     def __init__(self, values: dict[str, Any]) -> None:

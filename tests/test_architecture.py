@@ -17,7 +17,6 @@ PACKAGES = ("vmm", "pytest_boxlite")
 # Private names of third-party code the project uses on purpose, each documented where it is used and pinned in
 # pyproject.toml to a tested version range.
 ALLOWED_FOREIGN = {
-    ("pytest_boxlite.relay", "_channelfactory"),
     ("pytest_boxlite.relay", "_register"),
 }
 

@@ -7,6 +7,7 @@
 
 from .aio import AsyncBox, AsyncExecution, AsyncRuntime
 from .box import Box, BoxInfo, BoxMetrics
+from .engines import select as select_engine
 from .errors import (
     BoxError,
     BoxliteError,
@@ -25,8 +26,13 @@ from .errors import (
     WorkerTimeout,
 )
 from .execution import ExecResult, Execution
-from .options import BoxOptions, Port, Volume
+from .hostpython import HostPython, host_python, interpreter_dirs, system_python
+from .images import ResolvedImage, resolve_image
+from .images.probe import python_version as image_python_version
+from .options import ENGINES, BoxOptions, Port, Volume, network_mode
 from .runtime import Runtime, RuntimeMetrics
+from .snapshot import Template
+from .volumes import directory_image
 
 __version__ = "0.1.0"
 
@@ -36,4 +42,9 @@ __all__ = [
     "Execution", "GuestProtocolError", "HostPythonUnsupported", "ImageError", "NoSpaceForTemplate",
     "OutputLimitExceeded", "Port", "PythonMismatch", "Runtime", "RuntimeMetrics", "Volume", "WorkerLost",
     "WorkerTimeout",
+    # Building blocks the pytest plugin uses (each documented where it is defined): engines by name, images and
+    # their python, directories as volume images, the host's interpreter carried into boxes, and the snapshot
+    # templates that Runtime.template() builds and Runtime.restore() clones.
+    "ENGINES", "HostPython", "ResolvedImage", "Template", "directory_image", "host_python", "image_python_version",
+    "interpreter_dirs", "network_mode", "resolve_image", "select_engine", "system_python",
 ]
