@@ -207,7 +207,8 @@ class BoxliteSession:
         runtime = self.runtime
         with self._lock:
             if self._host_python is None:
-                self._host_python = host_python(runtime.home.root, self._shared_dirs(), runtime.progress)
+                self._host_python = host_python(runtime.home.root, self._shared_dirs(), runtime.progress,
+                                                 runtime.holds)
             return self._host_python
 
     def _shared_dirs(self) -> list[str]:
@@ -240,7 +241,7 @@ class BoxliteSession:
                     exclude.append(".git")
                 else:  # coverage's data files: new on every run with --cov (the template would be too)
                     exclude += [n for n in os.listdir(path) if n == ".coverage" or n.startswith(".coverage.")]
-                return str(directory_image(path, home, exclude, self.runtime.progress))
+                return str(directory_image(path, home, exclude, self.runtime.progress, holds=self.runtime.holds))
 
             volumes = [(image(rootpath, True), rootpath, "cow"), *((image(p, False), p, "ro") for p in sites)]
         else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm import Runtime, cache
+from vmm import Runtime, cache, volumes
 from vmm.errors import ConfigError
 from vmm.home import Home
 from vmm.images import resolve_image
@@ -92,7 +92,7 @@ def test_eviction_goes_by_last_use_and_skips_what_a_live_process_uses(tmp_path):
     home = Home(tmp_path / "home").root
     images = [volume(home, tmp_path, name, 2) for name in ("a", "b", "c", "d")]
     holder = Holder(images[0])  # another process uses a, the least recently used
-    for age, image in zip((400, 300, 200, 100), images):
+    for age, image in zip((400, 300, 200, 100), images, strict=True):
         t = time.time() - age
         os.utime(cache.use_lock(image), (t, t))
     try:
@@ -107,6 +107,32 @@ def test_eviction_goes_by_last_use_and_skips_what_a_live_process_uses(tmp_path):
         holder.close()
     assert cache.evict(home, 0).removed[0].path == images[0]  # its user is gone
     assert not list((home / "images" / "volumes").iterdir())  # no lock files left either
+
+
+def test_a_volume_image_is_held_before_it_is_looked_for(tmp_path, monkeypatch):
+    """An eviction between a volume image's build and the boxes that use it leaves it to the runtime that
+    asked for it (`holds`); without a holder it is only recorded as used, and free to evict."""
+    home = tmp_path / "home"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_text("project")
+    evictions = []
+    real_build = volumes.build_ext4_base
+
+    def build_then_evict(*args, **kwargs):  # another process's `boxlite cache prune --all`, right after the build
+        real_build(*args, **kwargs)
+        evictions.append(cache.evict(home, None, everything=True))
+
+    monkeypatch.setattr(volumes, "build_ext4_base", build_then_evict)
+    holds = cache.Holds()
+    image = directory_image(src, home, holds=holds)
+    assert image.is_file()
+    assert [e.path for e in evictions[0].busy] == [image] and not evictions[0].removed
+    assert cache.evict(home, None, everything=True).busy  # held until released, found again or not
+    assert directory_image(src, home, holds=holds) == image
+    holds.release()
+    assert [e.path for e in cache.evict(home, None, everything=True).removed] == [image]
+    assert not image.exists()
 
 
 def test_a_kept_boxs_base_is_not_evicted(tmp_path):
