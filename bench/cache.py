@@ -2,8 +2,10 @@
 
 - template size on disk: `--templates` (default 3) templates saved with the RAM file as qemu leaves it, and
   as many with its all-zero pages dug out (what the runtime does now), each a box warmed up like a boot
-  snapshot (sh and python run once); medians of st_blocks;
-- restore time from each kind, interleaved (A/B in one invocation), `--restores` (default 10) each, median;
+  snapshot (sh and python run once); medians of st_blocks. `--baseline-agent PATH`: as many again, dug out,
+  booted with that agent binary (an older build, for before/after figures of an agent change);
+- restore time from each kind, interleaved (A/B in one invocation), `--restores` (default 10) each, median,
+  and that each restored box works (a file written and read back by python);
 - eviction: `cache.evict()` of a home holding `--entries` (default 40) volume images down to half of them,
   and the no-op check a run ends with (`make_room` of a home within its cap), medians of `--runs` (default 5).
 """
@@ -21,42 +23,54 @@ from unittest import mock
 
 from _common import report, runtime
 
-from vmm import BoxOptions, cache
+from vmm import Box, BoxOptions, Runtime, cache
+from vmm.snapshot import Template
 from vmm.volumes import directory_image
 
 WARMUP = (("sh", "-c", "true"), ("python3", "-c", "pass"))
 
 
-def warmup(box):  # type: ignore[no-untyped-def]
+def warmup(box: Box) -> tuple[None, None]:
     for argv in WARMUP:
         box.exec(*argv, env={"PYTHONDONTWRITEBYTECODE": "1"})
     return None, None
 
 
-def templates(rt, count: int) -> tuple[list, list]:  # type: ignore[no-untyped-def]
-    """`count` templates saved as qemu leaves them, and `count` with their zero pages dug out."""
+def templates(rt: Runtime, count: int, baseline_agent: str | None) -> dict[str, list[Template]]:
+    """`count` templates of each kind: the RAM file as qemu leaves it, with its zero pages dug out, and (with
+    `baseline_agent`) dug out but booted with that agent."""
     stamp = f"{time.time()}"
+
+    def made(kind: str) -> list[Template]:
+        return [rt.template(BoxOptions(memory_mib=512), warmup=warmup, key=f"bench/cache.py {kind} {stamp} {i}")
+                for i in range(count)]
+
     with mock.patch.object(cache, "dig_holes", lambda path: None):
-        dense = [rt.template(BoxOptions(memory_mib=512), warmup=warmup, key=f"bench/cache.py dense {stamp} {i}")
-                 for i in range(count)]
-    sparse = [rt.template(BoxOptions(memory_mib=512), warmup=warmup, key=f"bench/cache.py sparse {stamp} {i}")
-              for i in range(count)]
-    return dense, sparse
+        kinds = {"as qemu leaves it": made("dense")}
+    kinds["zero pages dug out"] = made("sparse")
+    if baseline_agent:
+        with mock.patch.dict(os.environ, {"BOXLITE_AGENT": baseline_agent}):
+            kinds[f"dug out, agent {Path(baseline_agent).name}"] = made("baseline")
+    return kinds
 
 
-def restores(rt, dense, sparse, count: int) -> None:  # type: ignore[no-untyped-def]
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+def restores(rt: Runtime, kinds: dict[str, list[Template]], count: int) -> None:
+    times: dict[str, list[float]] = {name: [] for name in kinds}
     for i in range(count):
-        for name, template in (("dense", dense[i % len(dense)]), ("sparse", sparse[i % len(sparse)])):
+        for name, made in kinds.items():
             started = time.perf_counter()
-            box = rt.restore(template)
+            box = rt.restore(made[i % len(made)])
             box.exec("true")
             times[name].append(time.perf_counter() - started)
+            check = box.exec("python3", "-c", "open('/tmp/f', 'w').write('ok'); print(open('/tmp/f').read())")
+            assert check.stdout == b"ok\n", check
             box.remove()
     for name, samples in times.items():
         report(f"restore + first exec, RAM file {name}", samples, "ms", 1000)
-    ratio = statistics.median(times["sparse"]) / statistics.median(times["dense"])
-    print(f"restore time ratio sparse/dense: {ratio:.2f}")
+    first, *others = times
+    for name in others:
+        print(f"restore time ratio ({name}) / ({first}): "
+              f"{statistics.median(times[name]) / statistics.median(times[first]):.2f}")
 
 
 def eviction(entries: int, runs: int) -> None:
@@ -95,16 +109,18 @@ def main() -> None:
     parser.add_argument("--restores", type=int, default=10)
     parser.add_argument("--entries", type=int, default=40)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--baseline-agent", metavar="PATH", help="an agent binary to compare this one with")
     options = parser.parse_args()
     with runtime() as rt:
-        dense, sparse = templates(rt, options.templates)
-        for name, made in (("as qemu leaves it", dense), ("zero pages dug out", sparse)):
+        kinds = templates(rt, options.templates, options.baseline_agent)
+        for name, made in kinds.items():
             sizes = [cache.disk_size(t.directory) / 2**20 for t in made]
             print(f"template on disk (512 MiB guest), {name}: median {statistics.median(sizes):.1f} MiB, "
                   f"min {min(sizes):.1f}, max {max(sizes):.1f}, n={len(sizes)}")
-        restores(rt, dense, sparse, options.restores)
-        for template in dense + sparse:
-            template.discard()
+        restores(rt, kinds, options.restores)
+        for made in kinds.values():
+            for template in made:
+                template.discard()
     eviction(options.entries, options.runs)
     sys.stdout.flush()
 

@@ -140,7 +140,8 @@ class Provisioner:
         runtime = self._runtime()
         with self._lock:
             if self._host_python is None:
-                self._host_python = host_python(runtime.home.root, self._shared_dirs(), runtime.progress)
+                self._host_python = host_python(runtime.home.root, self._shared_dirs(), runtime.progress,
+                                                 runtime.holds)
             return self._host_python
 
     def python(self, settings: Settings) -> str:
@@ -198,7 +199,7 @@ class Provisioner:
                 exclude.append(".git")
             else:  # coverage's data files: new on every run with --cov (the template would be too)
                 exclude += [n for n in os.listdir(path) if n == ".coverage" or n.startswith(".coverage.")]
-            return str(directory_image(path, home, exclude, runtime.progress))
+            return str(directory_image(path, home, exclude, runtime.progress, holds=runtime.holds))
 
         return [Volume(image(self.rootpath, True), self.rootpath, "cow"),
                 *(Volume(image(p, False), p, "ro") for p in sites)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm import Runtime, cache
+from vmm import Runtime, cache, volumes
 from vmm.errors import ConfigError
 from vmm.home import Home
 from vmm.images import resolve_image
@@ -133,6 +133,32 @@ def test_an_entry_evicted_before_it_is_held_is_got_again(tmp_path):
         assert holds.held(lambda: outside, lambda path: path) == outside and not holds.holds(outside)
     finally:
         holds.release()
+
+
+def test_a_volume_image_is_held_before_it_is_looked_for(tmp_path, monkeypatch):
+    """An eviction between a volume image's build and the boxes that use it leaves it to the runtime that
+    asked for it (`holds`); without a holder it is only recorded as used, and free to evict."""
+    home = tmp_path / "home"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_text("project")
+    evictions = []
+    real_build = volumes.build_ext4_base
+
+    def build_then_evict(*args, **kwargs):  # another process's `boxlite cache prune --all`, right after the build
+        real_build(*args, **kwargs)
+        evictions.append(cache.evict(home, None, everything=True))
+
+    monkeypatch.setattr(volumes, "build_ext4_base", build_then_evict)
+    holds = cache.Holds()
+    image = directory_image(src, home, holds=holds)
+    assert image.is_file()
+    assert [e.path for e in evictions[0].busy] == [image] and not evictions[0].removed
+    assert cache.evict(home, None, everything=True).busy  # held until released, found again or not
+    assert directory_image(src, home, holds=holds) == image
+    holds.release()
+    assert [e.path for e in cache.evict(home, None, everything=True).removed] == [image]
+    assert not image.exists()
 
 
 def test_a_kept_boxs_base_is_not_evicted(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .box import DEFAULT_MAX_OUTPUT, Box, BoxInfo, BoxMetrics
+from .cache import Holds
 from .execution import ExecResult, Execution, Output, Stdin
 from .home import Home
 from .images import ResolvedImage
@@ -45,6 +46,10 @@ class AsyncRuntime:
     @property
     def kernel(self) -> Kernel:
         return self.sync.kernel
+
+    @property
+    def holds(self) -> Holds:
+        return self.sync.holds
 
     async def create(self, options: BoxOptions | None = None, **overrides: Any) -> AsyncBox:
         return AsyncBox(await asyncio.to_thread(self.sync.create, options, **overrides))

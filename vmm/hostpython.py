@@ -43,7 +43,7 @@ from . import cache
 from .errors import HostPythonUnsupported
 from .images.ext4 import Progress, build_ext4_base
 from .images.host import PRIVATE_ROOTS
-from .volumes import directory_image, volume_dir
+from .volumes import directory_image, used_image, volume_dir
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,12 @@ def check_supported() -> str:
     return executable
 
 
-def host_python(home: Path, shared: Iterable[str], progress: Progress | None = None) -> HostPython:
+def host_python(home: Path, shared: Iterable[str], progress: Progress | None = None,
+                holds: cache.Holds | None = None) -> HostPython:
     """The interpreter's images, built into `home` unless cached. `shared`: the other directories that boxes
     mount at their own paths (site directories, the venv): the libraries of their extension modules are
-    brought too. Those below the base prefix (its site-packages without a venv) are in its image."""
+    brought too. Those below the base prefix (its site-packages without a venv) are in its image.
+    `holds`: a runtime's, which holds the images from now on (volumes.directory_image)."""
     executable = check_supported()
     base = os.path.realpath(sys.base_prefix)
     shared = [os.path.realpath(p) for p in shared]
@@ -135,9 +137,9 @@ def host_python(home: Path, shared: Iterable[str], progress: Progress | None = N
     exclude = [p for p in (home_dir, unused_site) if p and p.startswith(base + "/")]
     patched = with_interpreter(Path(executable).read_bytes(), LOADER, executable)
     base_image = directory_image(base, home, [os.path.relpath(p, base) for p in exclude], progress,
-                                 replace={os.path.relpath(executable, base): patched})
+                                 replace={os.path.relpath(executable, base): patched}, holds=holds)
     dirs = [base, *(p for p in shared if not p.startswith(base + "/"))]
-    libs_image = _libraries_image(home, _loader(executable), executable, dirs, unused_site, progress)
+    libs_image = _libraries_image(home, _loader(executable), executable, dirs, unused_site, progress, holds)
     return HostPython(executable=sys.executable, version=sys.version,
                       volumes=((str(base_image), base, "ro"), (str(libs_image), GUEST_LIBS, "ro")))
 
@@ -220,17 +222,16 @@ def _closure(files: list[str], inside: list[str]) -> dict[str, str]:
 
 
 def _libraries_image(home: Path, loader: str, executable: str, dirs: list[str], skip: str | None,
-                     progress: Progress | None) -> Path:
+                     progress: Progress | None, holds: cache.Holds | None) -> Path:
     objects = sorted(_objects(dirs, skip))
     st = os.stat(loader)
     key = hashlib.sha256(json.dumps([RECIPE, loader, st.st_size, st.st_mtime_ns, executable] + [
         (p, s.st_size, s.st_mtime_ns) for p, s in objects]).encode()).hexdigest()
     store = volume_dir(home)
     dest = store / f"hostpy-libs-{key}.ext4"
-    if not dest.exists():
-        _build_libraries_image(home, dest, loader, executable, [p for p, _ in objects], dirs, progress)
-    cache.touch(dest, "the host python's shared libraries")  # last used, as volume images (volumes.py)
-    return dest
+    return used_image(dest, "the host python's shared libraries",
+                      lambda: _build_libraries_image(home, dest, loader, executable, [p for p, _ in objects], dirs,
+                                                     progress), holds)
 
 
 def _build_libraries_image(home: Path, dest: Path, loader: str, executable: str, objects: list[str],

@@ -74,6 +74,11 @@ class Runtime:
         cache.sweep(self.home.root)
 
     @property
+    def holds(self) -> cache.Holds:
+        """The cache entries this runtime uses, held until close(): `volumes.directory_image(holds=...)`."""
+        return self._holds
+
+    @property
     def kernel(self) -> kernel.Kernel:
         if self._kernel is None:
             self._kernel = kernel.find_kernel(*self._kernel_args)

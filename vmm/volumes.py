@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from . import cache
@@ -54,9 +54,12 @@ def fingerprint(src: Path, exclude: frozenset[str] = frozenset(), replace: Mappi
 
 
 def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[str] = (),
-                    progress: Progress | None = None, replace: Mapping[str, bytes] | None = None) -> Path:
+                    progress: Progress | None = None, replace: Mapping[str, bytes] | None = None,
+                    holds: cache.Holds | None = None) -> Path:
     """An ext4 image of the directory `src` (minus `exclude`: paths below `src`), built unless cached.
     `replace`: files (paths relative to `src`) whose content in the image is the given bytes instead.
+    `holds` (a runtime's, `Runtime.holds`): the image is held in it from before it is looked for, so that
+    no eviction removes it between this call and the boxes that use it.
 
     Files changed while the image is built may or may not be in it; the fingerprint of the next call sees
     the change and builds a new image.
@@ -71,7 +74,8 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
     skip = frozenset(os.path.relpath(os.path.join(src, p), src) for p in (*exclude, *inside))
     replace = {os.path.normpath(k): v for k, v in (replace or {}).items()}
     dest = store / f"{fingerprint(src, skip, replace)}.ext4"
-    if not dest.exists():
+
+    def build() -> None:
         store.mkdir(parents=True, exist_ok=True)
         cache.make_room(home, sum(st.st_blocks * 512 for _, st in _walk(src, skip)))
         if skip or replace:
@@ -83,7 +87,25 @@ def directory_image(src: str | os.PathLike[str], home: Path, exclude: Iterable[s
                 shutil.rmtree(staging, ignore_errors=True)
         else:
             build_ext4_base(src, dest, progress)
-    cache.touch(dest, str(src))  # last used (and what for): the most recent entry, the last to be evicted
+
+    return used_image(dest, str(src), build, holds)
+
+
+def used_image(dest: Path, what: str, build: Callable[[], None], holds: cache.Holds | None) -> Path:
+    """`dest`, built by `build()` unless it is there, and in use now (`what`: what it is for). With `holds`,
+    held from before it is looked for: an eviction cannot remove it between the check and the boxes that
+    use it. Without, only its use is recorded (it becomes the last entry to be evicted)."""
+    if holds is not None:
+        holds.hold(dest, what)
+    try:
+        if not dest.exists():
+            build()
+    except BaseException:
+        if holds is not None:
+            holds.drop(dest)
+        raise
+    if holds is None:
+        cache.touch(dest, what)
     return dest
 
 
