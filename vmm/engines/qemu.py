@@ -206,8 +206,7 @@ class QemuEngine(Engine):
                 sockets.append(sock)
             shares = []
             for i, (sock, helper) in enumerate(zip(sockets, helpers, strict=True)):
-                _wait_for_socket(sock, helper, spec.box_dir / f"fs{i}.log")
-                shares.append(_connect(sock, files))
+                shares.append(_connect(sock, helper, spec.box_dir / f"fs{i}.log", files))
             if spec.network == "internet":
                 net = network.isolate(spec.box_dir, spec.host_ports, spec.ports)
                 helpers.append(net.pasta)
@@ -293,13 +292,27 @@ def _open_disk(disk: Disk, files: list[int]) -> list[int]:
     return opened
 
 
-def _connect(sock: Path, files: list[int]) -> int:
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        client.connect(str(sock))
-    except OSError as exc:
-        client.close()
-        raise BoxError(f"cannot connect to virtiofsd at {sock}: {exc}") from None
+def _connect(sock: Path, helper: subprocess.Popen[bytes], log_file: Path, files: list[int],
+             timeout: float = 10.0) -> int:
+    """A connection to the virtiofsd `helper` at `sock`. Its socket file exists from bind(), before listen():
+    until then (or until the file appears) a connect is refused, so it is tried again while virtiofsd lives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(str(sock))
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            client.close()
+            if helper.poll() is not None:
+                raise BoxError(f"virtiofsd exited with {helper.returncode}: "
+                               f"{log_file.read_text(errors='replace')[-1000:]}") from None
+            if time.monotonic() > deadline:
+                raise BoxError(f"virtiofsd did not listen at {sock} within {timeout:.0f} s: {exc}") from None
+            time.sleep(0.005)
+        except OSError as exc:
+            client.close()
+            raise BoxError(f"cannot connect to virtiofsd at {sock}: {exc}") from None
     fd = client.detach()
     files.append(fd)
     return fd
@@ -409,16 +422,6 @@ def _composed_tree_wrapper(share: Share) -> list[str]:
     lines.append(f"mount -o remount,ro {q(root)}")
     lines.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
-
-
-def _wait_for_socket(path: Path, helper: subprocess.Popen[bytes], log_file: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if helper.poll() is not None:
-            raise BoxError(f"virtiofsd exited with {helper.returncode}: {log_file.read_text(errors='replace')[-1000:]}")
-        if time.monotonic() > deadline:
-            raise BoxError(f"virtiofsd did not create {path} within {timeout:.0f} s")
-        time.sleep(0.005)
 
 
 class QemuVM(ProcessVM):
