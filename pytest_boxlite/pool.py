@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from vmm import ConfigError, EngineUnavailable, ImageError
+from vmm import BoxError, ConfigError, EngineUnavailable, ImageError
 
 from .relay import Worker
 
@@ -105,7 +105,7 @@ class Pool:
                         raise worker.error
                     return worker
                 if self._closed:
-                    raise RuntimeError("the boxlite pool is closed")
+                    raise BoxError("the boxlite pool is closed: the session is ending, no more boxes are started")
                 self._fill(key)
                 self._cond.wait()
 
