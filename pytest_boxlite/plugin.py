@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vmm import ConfigError
+from vmm import ConfigError, enable_from_env
 
 from . import compat, nodes  # compat reads the state of coverage.py when loaded
 from . import config as cfg
@@ -42,6 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.stash.get(WORKER_KEY, False):
         return
     try:
+        enable_from_env()  # BOXLITE_LOG=debug: what the runtime does, on stderr
         settings = cfg.SessionConfig.from_pytest(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-boxlite: {exc}") from None

@@ -162,3 +162,19 @@ def test_p_no_boxlite_disables_the_plugin(pytester):
     result = pytester.runpytest("-p", "no:boxlite", "-W", "ignore::pytest.PytestUnknownMarkWarning")
     result.assert_outcomes(passed=1)
     assert "boxlite:" not in result.stdout.str()
+
+
+def test_boxlite_log_turns_the_runtimes_logging_on_and_a_bad_level_is_a_usage_error(pytester, monkeypatch):
+    pytester.makepyfile("""
+        import logging
+
+        def test_vmm_logs_to_stderr():
+            logger = logging.getLogger("vmm")
+            assert logger.level == logging.INFO and any(type(h) is logging.StreamHandler for h in logger.handlers)
+    """)
+    monkeypatch.setenv("BOXLITE_LOG", "info")
+    assert pytester.runpytest_subprocess().ret == pytest.ExitCode.OK
+    monkeypatch.setenv("BOXLITE_LOG", "loud")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*pytest-boxlite: BOXLITE_LOG='loud' is not a log level: use one of debug*"])

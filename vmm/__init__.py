@@ -9,6 +9,7 @@ from .aio import AsyncBox, AsyncExecution, AsyncRuntime
 from .box import Box, BoxInfo, BoxMetrics
 from .engines import select as select_engine
 from .errors import (
+    AgentTimeout,
     BoxError,
     BoxliteError,
     BoxNotFound,
@@ -29,6 +30,7 @@ from .execution import ExecResult, Execution
 from .hostpython import HostPython, host_python, interpreter_dirs, system_python
 from .images import ResolvedImage, resolve_image
 from .images.probe import python_version as image_python_version
+from .log import enable_from_env
 from .options import ENGINES, BoxOptions, Port, Volume, network_mode
 from .runtime import Runtime, RuntimeMetrics
 from .snapshot import Template
@@ -37,11 +39,12 @@ from .volumes import directory_image
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncBox", "AsyncExecution", "AsyncRuntime", "Box", "BoxError", "BoxInfo", "BoxliteError", "BoxMetrics",
-    "BoxNotFound", "BoxOptions", "ConfigError", "EngineUnavailable", "ExecError", "ExecResult", "ExecTimeout",
-    "Execution", "GuestProtocolError", "HostPythonUnsupported", "ImageError", "NoSpaceForTemplate",
+    "AgentTimeout", "AsyncBox", "AsyncExecution", "AsyncRuntime", "Box", "BoxError", "BoxInfo", "BoxliteError",
+    "BoxMetrics", "BoxNotFound", "BoxOptions", "ConfigError", "EngineUnavailable", "ExecError", "ExecResult",
+    "ExecTimeout", "Execution", "GuestProtocolError", "HostPythonUnsupported", "ImageError", "NoSpaceForTemplate",
     "OutputLimitExceeded", "Port", "PythonMismatch", "Runtime", "RuntimeMetrics", "Volume", "WorkerLost",
     "WorkerTimeout",
+    "enable_from_env",  # $BOXLITE_LOG: logging to stderr, turned on where a program starts (vmm/log.py)
     # Building blocks the pytest plugin uses (each documented where it is defined): engines by name, images and
     # their python, directories as volume images, the host's interpreter carried into boxes, and the snapshot
     # templates that Runtime.template() builds and Runtime.restore() clones.
